@@ -1,0 +1,86 @@
+"""nn.Module wrapper with the call order of HRNet's JointsMSELoss and mmpose's KeypointMSELoss."""
+
+import torch
+from torch import nn
+
+from .functional import REDUCTIONS, heatmap_gradient_loss, reduce_plane_losses
+
+
+class HeatmapGradientLoss(nn.Module):
+    """Heatmap MSE with the heatmap-gradient constraint and optional soft targets.
+
+    See hgloss.heatmap_gradient_loss for the formula. Called as
+    ``loss(output, target, target_weight)``, like HRNet's and mmpose's heatmap losses.
+
+    Args:
+        mse_weight, grad_weight, stencil, backend: as in hgloss.heatmap_gradient_loss.
+        use_target_weight: apply the (B, K[, 1[, 1]]) target weight when one is passed.
+        reduction: "mean", "sum" or "none".
+        ohkm_topk: online hard keypoint mining (HRNet's JointsOHKMMSELoss): per sample, keep the
+            ``ohkm_topk`` largest plane losses and average them; ``reduction`` then applies over
+            the batch ("none" returns the (B,) per-sample losses).
+
+    Example::
+
+        >>> criterion = hgloss.HeatmapGradientLoss(grad_weight=1.0, use_target_weight=True)
+        >>> loss = criterion(output, target, target_weight)
+    """
+
+    def __init__(
+        self,
+        mse_weight: float = 1.0,
+        grad_weight: float = 1.0,
+        stencil: str = "forward",
+        use_target_weight: bool = True,
+        reduction: str = "mean",
+        ohkm_topk: int | None = None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"unknown reduction {reduction!r}; expected one of {list(REDUCTIONS)}")
+        if ohkm_topk is not None and (isinstance(ohkm_topk, bool) or not isinstance(ohkm_topk, int) or ohkm_topk < 1):
+            raise ValueError(f"ohkm_topk must be a positive int or None, got {ohkm_topk!r}")
+        self.mse_weight = mse_weight
+        self.grad_weight = grad_weight
+        self.stencil = stencil
+        self.use_target_weight = use_target_weight
+        self.reduction = reduction
+        self.ohkm_topk = ohkm_topk
+        self.backend = backend
+
+    def forward(
+        self,
+        pred: torch.Tensor,
+        target: torch.Tensor,
+        target_weight: torch.Tensor | None = None,
+        teacher: torch.Tensor | None = None,
+        alpha: float | torch.Tensor = 0.5,
+    ) -> torch.Tensor:
+        plane_losses = heatmap_gradient_loss(
+            pred,
+            target,
+            target_weight if self.use_target_weight else None,
+            teacher=teacher,
+            alpha=alpha,
+            mse_weight=self.mse_weight,
+            grad_weight=self.grad_weight,
+            stencil=self.stencil,
+            reduction="none" if self.ohkm_topk is not None else self.reduction,
+            backend=self.backend,
+        )
+        if self.ohkm_topk is None:
+            return plane_losses
+        joints = plane_losses.shape[1]
+        if self.ohkm_topk > joints:
+            raise ValueError(f"ohkm_topk={self.ohkm_topk} exceeds the number of keypoints K={joints}")
+        hardest = plane_losses.topk(self.ohkm_topk, dim=1, sorted=False).values
+        per_sample = hardest.mean(dim=1)
+        return reduce_plane_losses(per_sample, self.reduction)
+
+    def extra_repr(self) -> str:
+        return (
+            f"mse_weight={self.mse_weight}, grad_weight={self.grad_weight}, stencil={self.stencil!r}, "
+            f"use_target_weight={self.use_target_weight}, reduction={self.reduction!r}, "
+            f"ohkm_topk={self.ohkm_topk}, backend={self.backend!r}"
+        )

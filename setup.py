@@ -1,0 +1,66 @@
+"""Builds hgloss and its extension hgloss._C.
+
+The extension holds the operator schema and the CPU kernel; the CUDA kernels are added when a
+CUDA build of torch and CUDA_HOME are both present. torch must be importable at build time, so
+install with `pip install --no-build-isolation .` (or `make install`).
+
+Switches (environment variables):
+  HGLOSS_FORCE_CUDA=1    build the CUDA sources even if torch sees no GPU (needs CUDA_HOME)
+  HGLOSS_DISABLE_CUDA=1  never build the CUDA sources
+  TORCH_CUDA_ARCH_LIST   the GPU architectures to compile for, as torch reads it
+"""
+
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def cuda_wanted(torch_cuda_version, cuda_home):
+    if os.environ.get("HGLOSS_DISABLE_CUDA", "0") == "1":
+        return False
+    if os.environ.get("HGLOSS_FORCE_CUDA", "0") == "1":
+        if cuda_home is None:
+            raise RuntimeError("HGLOSS_FORCE_CUDA=1 but CUDA_HOME is not set and nvcc was not found")
+        return True
+    return torch_cuda_version is not None and cuda_home is not None
+
+
+def extensions():
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        print("hgloss: torch is not importable at build time; building without hgloss._C "
+              "(use `pip install --no-build-isolation`)")
+        return [], {}
+
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    sources = ["csrc/heatmap_loss.cpp", "csrc/cpu/heatmap_loss_kernel.cpp"]
+    include_dirs = [os.path.join(ROOT, "csrc", "include")]
+    extension_class = cpp_extension.CppExtension
+    extra_compile_args = {"cxx": cxx_flags}
+    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
+    if cuda_sources and cuda_wanted(torch.version.cuda, cpp_extension.CUDA_HOME):
+        sources += cuda_sources
+        extension_class = cpp_extension.CUDAExtension
+        extra_compile_args["nvcc"] = ["-O3", "-std=c++17", "--use_fast_math"]
+    ext = extension_class(
+        name="hgloss._C",
+        sources=sources,
+        include_dirs=include_dirs,
+        extra_compile_args=extra_compile_args,
+        extra_link_args=["-fopenmp"],
+    )
+    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(no_python_abi_suffix=True)}
+
+
+ext_modules, cmdclass = extensions()
+
+setup(
+    packages=find_packages(include=["hgloss", "hgloss.*"]),
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
