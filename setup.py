@@ -37,7 +37,7 @@ def extensions():
               "(use `pip install --no-build-isolation`)")
         return [], {}
 
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", f"-march={os.environ.get('HGLOSS_CPU_ARCH', 'native')}"]
     sources = ["csrc/heatmap_loss.cpp", "csrc/cpu/heatmap_loss_kernel.cpp"]
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     extension_class = cpp_extension.CppExtension

@@ -11,12 +11,15 @@ extern "C" PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(hgloss, m) {
-  // Per plane (b, k): terms[b, k] = mse_weight * V + grad_weight * R (SPEC section 1, before the
-  // target weight), and, when compute_grad, d(terms[b, k])/dD for every pixel, in the
-  // accumulation dtype (float64 for a float64 pred, else float32). Without compute_grad the
-  // second output is an empty tensor.
+  // The loss of SPEC section 1 and what its backward needs. Returns
+  //   loss:  the reduced loss, a 0-dim tensor ((B, K) plane losses for reduction "none");
+  //   terms: (B, K) mse_weight * V + grad_weight * R, before the weight (for dL/dweight);
+  //   grad:  dL/dD for an upstream gradient of 1, (B, K, H, W), when compute_grad; else empty.
+  // All three in the accumulation dtype: float64 for a float64 pred, else float32. `weight` is
+  // (B, K); `alpha` is (B,) and required with a teacher.
   m.def(
-      "heatmap_loss_forward(Tensor pred, Tensor target, Tensor? teacher, Tensor? alpha, "
-      "float mse_weight, float grad_weight, str stencil, bool compute_grad) -> (Tensor, Tensor)",
+      "heatmap_loss(Tensor pred, Tensor target, Tensor? teacher, Tensor? alpha, Tensor? weight, "
+      "float mse_weight, float grad_weight, str stencil, str reduction, bool compute_grad) "
+      "-> (Tensor, Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
 }

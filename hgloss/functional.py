@@ -17,10 +17,7 @@ STENCILS = ("forward", "central", "sobel")
 REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("cuda", "triton", "cpu", "reference")
 
-_PLANE_TERMS = {
-    "cpu": ops.fused_plane_terms,
-    "reference": reference.plane_terms,
-}
+_FUSED_BACKENDS = {"cpu": ops.fused_heatmap_loss}
 
 
 def _backend_devices(name: str) -> tuple[str, ...]:
@@ -189,7 +186,12 @@ def heatmap_gradient_loss(
         else:
             blend = torch.full((pred.shape[0],), float(alpha), dtype=dtype, device=pred.device)
 
-    terms = _PLANE_TERMS[backend](pred, target, teacher, blend, mse_weight, grad_weight, stencil)
-    if target_weight is not None:
-        terms = terms * target_weight.reshape(terms.shape).to(dtype)
+    plane_weight = None if target_weight is None else target_weight.reshape(pred.shape[:2])
+    if backend in _FUSED_BACKENDS:
+        return _FUSED_BACKENDS[backend](
+            pred, target, teacher, blend, plane_weight, mse_weight, grad_weight, stencil, reduction
+        )
+    terms = reference.plane_terms(pred, target, teacher, blend, mse_weight, grad_weight, stencil)
+    if plane_weight is not None:
+        terms = terms * plane_weight.to(dtype)
     return reduce_plane_losses(terms, reduction)

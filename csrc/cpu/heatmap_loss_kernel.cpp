@@ -3,7 +3,7 @@
 // Each plane (b, k) is owned by one thread (at::parallel_for over B*K planes) and streamed row by
 // row: a ring of three rows of D = P - ((1 - a) G + a S) and three rows of the adjoint
 // accumulator A^T A D stay in L1, so T, D and the gradient maps are never written to memory. Per
-// pixel it reads P, G (and S) once and, when asked, writes d(terms)/dD once. Sums run in a fixed
+// pixel it reads P, G (and S) once and, when asked, writes dL/dD once. Sums run in a fixed
 // order inside each plane, so results are bit-identical whatever the thread count.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -11,6 +11,8 @@
 #include <torch/library.h>
 
 #include <string>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "hgloss/stencil.h"
@@ -29,45 +31,47 @@ struct StridedInput {
   }
 };
 
-// out[j] (+)= scale * row[j * stride] for j < n, converting from the input dtype.
+// out[i * W + j] (+)= scale * plane[i, j], converting from the input dtype. A plane stored
+// contiguously is one long vectorisable loop; any other layout goes row by row.
 template <typename acc_t, typename in_t>
-void scaled_row_typed(const in_t* row, int64_t stride, int64_t n, acc_t scale, bool accumulate,
-                      acc_t* out) {
-  if (stride == 1) {
-    if (accumulate) {
-      for (int64_t j = 0; j < n; ++j) out[j] += scale * static_cast<acc_t>(row[j]);
+void scaled_plane_typed(const in_t* plane, int64_t stride_h, int64_t stride_w, int64_t height,
+                        int64_t width, acc_t scale, bool accumulate, acc_t* out) {
+  const bool contiguous = stride_w == 1 && (stride_h == width || height == 1);
+  const int64_t rows = contiguous ? 1 : height;
+  const int64_t cols = contiguous ? height * width : width;
+  for (int64_t i = 0; i < rows; ++i) {
+    const in_t* row = plane + i * stride_h;
+    acc_t* dst = out + i * cols;
+    if (contiguous) {
+      if (accumulate) {
+        for (int64_t j = 0; j < cols; ++j) dst[j] += scale * static_cast<acc_t>(row[j]);
+      } else {
+        for (int64_t j = 0; j < cols; ++j) dst[j] = scale * static_cast<acc_t>(row[j]);
+      }
     } else {
-      for (int64_t j = 0; j < n; ++j) out[j] = scale * static_cast<acc_t>(row[j]);
-    }
-  } else {
-    for (int64_t j = 0; j < n; ++j) {
-      const acc_t value = scale * static_cast<acc_t>(row[j * stride]);
-      out[j] = accumulate ? out[j] + value : value;
+      for (int64_t j = 0; j < cols; ++j) {
+        const acc_t value = scale * static_cast<acc_t>(row[j * stride_w]);
+        dst[j] = accumulate ? dst[j] + value : value;
+      }
     }
   }
 }
 
 template <typename acc_t>
-void scaled_row(const StridedInput& in, int64_t offset, int64_t n, acc_t scale, bool accumulate,
-                acc_t* out) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.dtype, "hgloss_load_row", [&] {
-    scaled_row_typed<acc_t, scalar_t>(static_cast<const scalar_t*>(in.data) + offset, in.stride_w,
-                                      n, scale, accumulate, out);
+void scaled_plane(const StridedInput& in, int64_t b, int64_t k, int64_t height, int64_t width,
+                  acc_t scale, bool accumulate, acc_t* out) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.dtype, "hgloss_load_plane", [&] {
+    const scalar_t* plane = static_cast<const scalar_t*>(in.data) + b * in.stride_b + k * in.stride_k;
+    scaled_plane_typed<acc_t, scalar_t>(plane, in.stride_h, in.stride_w, height, width, scale,
+                                        accumulate, out);
   });
 }
 
-// Eight independent partial sums, added in a fixed order: vectorisable and deterministic.
 template <typename acc_t>
 acc_t sum_of_squares(const acc_t* x, int64_t n) {
-  constexpr int kLanes = 8;
-  acc_t lanes[kLanes] = {};
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-    for (int lane = 0; lane < kLanes; ++lane) lanes[lane] += x[j + lane] * x[j + lane];
-  }
   acc_t total = 0;
-  for (; j < n; ++j) total += x[j] * x[j];
-  for (int lane = 0; lane < kLanes; ++lane) total += lanes[lane];
+#pragma omp simd reduction(+ : total)
+  for (int64_t j = 0; j < n; ++j) total += x[j] * x[j];
   return total;
 }
 
@@ -78,116 +82,183 @@ struct PlaneProblem {
   const acc_t* alpha = nullptr;  // (B,), only with a teacher
   int64_t num_joints = 0, height = 0, width = 0;
   acc_t mse_weight = 0, grad_weight = 0;
-  acc_t* terms = nullptr;  // (B*K,)
-  acc_t* grad = nullptr;   // (B*K*H*W,) contiguous, or null when no gradient is wanted
+  const acc_t* weight = nullptr;  // (B*K,) target weights, or null for 1
+  acc_t reduction_scale = 1;      // 1 / (B*K) for "mean", else 1
+  acc_t* terms = nullptr;         // (B*K,) mse_weight * V + grad_weight * R
+  acc_t* plane_losses = nullptr;  // (B*K,) weight * terms
+  acc_t* grad = nullptr;          // (B*K*H*W,) contiguous dL/dD, or null when not wanted
 };
 
-// Per-thread scratch: the row rings and one row of gradient-map values.
-template <typename acc_t>
-struct RowRing {
-  explicit RowRing(int64_t width) : storage(7 * static_cast<size_t>(width)) {
-    for (int slot = 0; slot < 3; ++slot) {
-      difference[slot] = storage.data() + slot * width;
-      adjoint[slot] = storage.data() + (3 + slot) * width;
+// D = P - ((1 - a) G + a S) for inputs that share one dtype, in a single pass that also returns
+// sum D^2. Planes that are all contiguous run as one flat loop, others row by row.
+template <typename acc_t, typename in_t>
+acc_t load_difference_same_dtype(const PlaneProblem<acc_t>& p, int64_t b, int64_t k, acc_t alpha,
+                                 acc_t* diff) {
+  const int64_t H = p.height, W = p.width;
+  auto plane_of = [&](const StridedInput& in) {
+    return static_cast<const in_t*>(in.data) + b * in.stride_b + k * in.stride_k;
+  };
+  auto is_flat = [&](const StridedInput& in) { return in.stride_w == 1 && (in.stride_h == W || H == 1); };
+  const in_t* pred = plane_of(p.pred);
+  const in_t* target = plane_of(p.target);
+  const in_t* teacher = p.has_teacher ? plane_of(p.teacher) : target;
+  const StridedInput& teacher_in = p.has_teacher ? p.teacher : p.target;
+  const acc_t target_scale = 1 - alpha;
+  acc_t sum_sq = 0;
+  if (is_flat(p.pred) && is_flat(p.target) && is_flat(teacher_in)) {
+#pragma omp simd reduction(+ : sum_sq)
+    for (int64_t n = 0; n < H * W; ++n) {
+      const acc_t d = static_cast<acc_t>(pred[n]) - (target_scale * static_cast<acc_t>(target[n]) +
+                                                    alpha * static_cast<acc_t>(teacher[n]));
+      diff[n] = d;
+      sum_sq += d * d;
     }
-    map_row = storage.data() + 6 * width;
+    return sum_sq;
   }
-  acc_t* d(int64_t row) const { return difference[row % 3]; }
-  acc_t* adj(int64_t row) const { return adjoint[row % 3]; }
-
-  std::vector<acc_t> storage;
-  acc_t* difference[3];
-  acc_t* adjoint[3];
-  acc_t* map_row;
-};
-
-// Computes one row of Ax (IsX) or Ay at row i over `range`, adds its squares to `sum_sq` and,
-// when `with_grad`, scatters it through the adjoint into the accumulator rows.
-template <typename acc_t, Stencil S, bool IsX>
-void gradient_map_row(const RowRing<acc_t>& ring, const ValidRange& range, int64_t i,
-                      bool with_grad, acc_t& sum_sq) {
-  const int64_t c0 = range.col_begin, n = range.cols();
-  acc_t* map = ring.map_row;
-  for (int64_t j = 0; j < n; ++j) map[j] = 0;
-  for (int u = -1; u <= 1; ++u) {
-    for (int v = -1; v <= 1; ++v) {
-      const acc_t tap = static_cast<acc_t>(IsX ? x_tap<S>(u, v) : y_tap<S>(u, v));
-      if (tap == 0) continue;
-      const acc_t* src = ring.d(i + u) + c0 + v;
-      for (int64_t j = 0; j < n; ++j) map[j] += tap * src[j];
-    }
-  }
-  sum_sq += sum_of_squares(map, n);
-  if (!with_grad) return;
-  for (int u = -1; u <= 1; ++u) {
-    for (int v = -1; v <= 1; ++v) {
-      const acc_t tap = static_cast<acc_t>(IsX ? x_tap<S>(u, v) : y_tap<S>(u, v));
-      if (tap == 0) continue;
-      acc_t* dst = ring.adj(i + u) + c0 + v;
-      for (int64_t j = 0; j < n; ++j) dst[j] += tap * map[j];
+  for (int64_t i = 0; i < H; ++i) {
+    const in_t* pred_row = pred + i * p.pred.stride_h;
+    const in_t* target_row = target + i * p.target.stride_h;
+    const in_t* teacher_row = teacher + i * teacher_in.stride_h;
+    const int64_t sp = p.pred.stride_w, sg = p.target.stride_w, ss = teacher_in.stride_w;
+    acc_t* out = diff + i * W;
+    for (int64_t j = 0; j < W; ++j) {
+      const acc_t d = static_cast<acc_t>(pred_row[j * sp]) -
+                      (target_scale * static_cast<acc_t>(target_row[j * sg]) +
+                       alpha * static_cast<acc_t>(teacher_row[j * ss]));
+      out[j] = d;
+      sum_sq += d * d;
     }
   }
+  return sum_sq;
 }
 
-template <typename acc_t, Stencil S>
-void plane_loss(const PlaneProblem<acc_t>& p, int64_t plane, RowRing<acc_t>& ring) {
+// The same for inputs of different dtypes: one converting pass per input, then the sum.
+template <typename acc_t>
+acc_t load_difference_mixed(const PlaneProblem<acc_t>& p, int64_t b, int64_t k, acc_t alpha, acc_t* diff) {
   const int64_t H = p.height, W = p.width;
-  const int64_t b = plane / p.num_joints, k = plane % p.num_joints;
-  const ValidRange xr = x_range<S>(H, W), yr = y_range<S>(H, W);
-  const int64_t grad_count = xr.count() + yr.count();
-  const acc_t value_scale = p.mse_weight / static_cast<acc_t>(H * W);
-  const acc_t map_scale = grad_count > 0 ? p.grad_weight / static_cast<acc_t>(grad_count) : 0;
-  const bool with_grad = p.grad != nullptr;
-  const acc_t alpha = p.has_teacher ? p.alpha[b] : acc_t(0);
+  scaled_plane<acc_t>(p.pred, b, k, H, W, acc_t(1), false, diff);
+  scaled_plane<acc_t>(p.target, b, k, H, W, alpha - acc_t(1), true, diff);
+  if (p.has_teacher) scaled_plane<acc_t>(p.teacher, b, k, H, W, -alpha, true, diff);
+  return sum_of_squares(diff, H * W);
+}
 
-  auto offset = [&](const StridedInput& in, int64_t row) {
-    return b * in.stride_b + k * in.stride_k + row * in.stride_h;
+// sum_{u,v} tap(u, v) * x[n + Sign * (u W + v)] over the nonzero taps, unrolled at compile time.
+// Sign = +1 applies the stencil, (A D)[n]; Sign = -1 gathers its adjoint, (A^T map)[n].
+template <typename acc_t, Stencil S, bool IsX, int Sign, int... TapIndex>
+inline acc_t sum_taps(const acc_t* x, int64_t n, int64_t width, std::integer_sequence<int, TapIndex...>) {
+  acc_t value = 0;
+  auto add_tap = [&](auto index) {
+    constexpr int u = decltype(index)::value / 3 - 1, v = decltype(index)::value % 3 - 1;
+    constexpr double tap = IsX ? x_tap<S>(u, v) : y_tap<S>(u, v);
+    if constexpr (tap != 0.0) value += static_cast<acc_t>(tap) * x[n + Sign * (u * width + v)];
   };
-  acc_t sum_d2 = 0, sum_map2 = 0;
-  auto load_row = [&](int64_t row) {
-    acc_t* d = ring.d(row);
-    scaled_row<acc_t>(p.pred, offset(p.pred, row), W, acc_t(1), false, d);
-    scaled_row<acc_t>(p.target, offset(p.target, row), W, alpha - acc_t(1), true, d);
-    if (p.has_teacher) scaled_row<acc_t>(p.teacher, offset(p.teacher, row), W, -alpha, true, d);
-    sum_d2 += sum_of_squares(d, W);
-    if (with_grad) {
-      acc_t* adj = ring.adj(row);
-      for (int64_t j = 0; j < W; ++j) adj[j] = 0;
-    }
-  };
-  // Row `row` of d(terms)/dD once every gradient-map row touching it has been scattered.
-  auto finish_row = [&](int64_t row) {
-    if (!with_grad) return;
-    const acc_t* d = ring.d(row);
-    const acc_t* adj = ring.adj(row);
-    acc_t* out = p.grad + (plane * H + row) * W;
-    for (int64_t j = 0; j < W; ++j) out[j] = 2 * value_scale * d[j] + 2 * map_scale * adj[j];
-  };
+  (add_tap(std::integral_constant<int, TapIndex>{}), ...);
+  return value;
+}
 
-  load_row(0);
-  if (H > 1) load_row(1);
-  for (int64_t i = 0; i < H; ++i) {
-    // Gradient-map row i reads D rows i-1..i+1 and scatters into the same rows.
-    if (i >= 1 && i + 1 < H) load_row(i + 1);
-    if (i >= xr.row_begin && i < xr.row_end && xr.cols() > 0) {
-      gradient_map_row<acc_t, S, true>(ring, xr, i, with_grad, sum_map2);
+template <typename acc_t, Stencil S, bool IsX>
+inline acc_t apply_taps(const acc_t* diff, int64_t n, int64_t width) {
+  return sum_taps<acc_t, S, IsX, 1>(diff, n, width, std::make_integer_sequence<int, 9>{});
+}
+
+template <typename acc_t, Stencil S, bool IsX>
+inline acc_t adjoint_taps(const acc_t* map, int64_t n, int64_t width) {
+  return sum_taps<acc_t, S, IsX, -1>(map, n, width, std::make_integer_sequence<int, 9>{});
+}
+
+// One thread's staging area for a plane: D, Ax and Ay, each H*W values in row-major order with a
+// zero guard of W+1 values on both sides, so that every 3x3 tap of every position reads inside
+// the buffer and the loops run over the whole flattened plane without branches. The masks mark
+// the valid positions of Ax and Ay; positions outside them hold 0 in the map buffers, so they
+// add nothing to R nor to the adjoint.
+template <typename acc_t, Stencil S>
+struct PlaneScratch {
+  PlaneScratch(int64_t height, int64_t width)
+      : size(height * width), guard(width + 1), storage(5 * static_cast<size_t>(size + 2 * guard), acc_t(0)) {
+    acc_t* base = storage.data() + guard;
+    const int64_t pitch = size + 2 * guard;
+    diff = base;
+    map_x = base + pitch;
+    map_y = base + 2 * pitch;
+    valid_x = base + 3 * pitch;
+    valid_y = base + 4 * pitch;
+    const ValidRange xr = x_range<S>(height, width), yr = y_range<S>(height, width);
+    for (int64_t i = 0; i < height; ++i) {
+      for (int64_t j = 0; j < width; ++j) {
+        valid_x[i * width + j] = xr.contains(i, j) ? 1 : 0;
+        valid_y[i * width + j] = yr.contains(i, j) ? 1 : 0;
+      }
     }
-    if (i >= yr.row_begin && i < yr.row_end && yr.cols() > 0) {
-      gradient_map_row<acc_t, S, false>(ring, yr, i, with_grad, sum_map2);
-    }
-    if (i >= 1) finish_row(i - 1);
   }
-  finish_row(H - 1);
-  p.terms[plane] = value_scale * sum_d2 + map_scale * sum_map2;
+  int64_t size, guard;
+  std::vector<acc_t> storage;
+  acc_t* diff;
+  acc_t* map_x;
+  acc_t* map_y;
+  acc_t* valid_x;
+  acc_t* valid_y;
+};
+
+template <typename acc_t, Stencil S>
+void plane_loss(const PlaneProblem<acc_t>& p, int64_t plane, bool same_dtype, PlaneScratch<acc_t, S>& scratch) {
+  const int64_t H = p.height, W = p.width, size = H * W;
+  const int64_t b = plane / p.num_joints, k = plane % p.num_joints;
+  const int64_t grad_count = gradient_count<S>(H, W);
+  const acc_t value_scale = p.mse_weight / static_cast<acc_t>(size);
+  const acc_t map_scale = grad_count > 0 ? p.grad_weight / static_cast<acc_t>(grad_count) : 0;
+  const acc_t alpha = p.has_teacher ? p.alpha[b] : acc_t(0);
+  acc_t* diff = scratch.diff;
+  acc_t* map_x = scratch.map_x;
+  acc_t* map_y = scratch.map_y;
+  const acc_t* valid_x = scratch.valid_x;
+  const acc_t* valid_y = scratch.valid_y;
+
+  acc_t sum_d2 = 0;
+  if (same_dtype) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.pred.dtype, "hgloss_load_difference", [&] {
+      sum_d2 = load_difference_same_dtype<acc_t, scalar_t>(p, b, k, alpha, diff);
+    });
+  } else {
+    sum_d2 = load_difference_mixed<acc_t>(p, b, k, alpha, diff);
+  }
+
+  // Ax and Ay over the flattened plane; the masks zero the positions outside the valid ranges
+  // (with a select, so that an Inf next to an invalid position is not turned into NaN).
+  acc_t sum_map2 = 0;
+#pragma omp simd reduction(+ : sum_map2)
+  for (int64_t n = 0; n < size; ++n) {
+    const acc_t ax = valid_x[n] != 0 ? apply_taps<acc_t, S, true>(diff, n, W) : acc_t(0);
+    const acc_t ay = valid_y[n] != 0 ? apply_taps<acc_t, S, false>(diff, n, W) : acc_t(0);
+    map_x[n] = ax;
+    map_y[n] = ay;
+    sum_map2 += ax * ax + ay * ay;
+  }
+  const acc_t weight = p.weight != nullptr ? p.weight[plane] : acc_t(1);
+  const acc_t terms = value_scale * sum_d2 + map_scale * sum_map2;
+  p.terms[plane] = terms;
+  p.plane_losses[plane] = weight * terms;
+  if (p.grad == nullptr) return;
+
+  // dL/dD = c w (2 value_scale D + 2 map_scale (Ax^T Ax D + Ay^T Ay D)), c the reduction's scale
+  acc_t* out = p.grad + plane * size;
+  const acc_t plane_scale = p.reduction_scale * weight;
+  const acc_t value_coef = 2 * value_scale * plane_scale, map_coef = 2 * map_scale * plane_scale;
+#pragma omp simd
+  for (int64_t n = 0; n < size; ++n) {
+    const acc_t back = adjoint_taps<acc_t, S, true>(map_x, n, W) + adjoint_taps<acc_t, S, false>(map_y, n, W);
+    out[n] = value_coef * diff[n] + map_coef * back;
+  }
 }
 
 template <typename acc_t, Stencil S>
 void run_planes(const PlaneProblem<acc_t>& problem, int64_t num_planes) {
   const int64_t plane_size = problem.height * problem.width;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(plane_size, 1));
+  const bool same_dtype = problem.target.dtype == problem.pred.dtype &&
+                          (!problem.has_teacher || problem.teacher.dtype == problem.pred.dtype);
   at::parallel_for(0, num_planes, grain, [&](int64_t begin, int64_t end) {
-    RowRing<acc_t> ring(problem.width);
-    for (int64_t plane = begin; plane < end; ++plane) plane_loss<acc_t, S>(problem, plane, ring);
+    PlaneScratch<acc_t, S> scratch(problem.height, problem.width);
+    for (int64_t plane = begin; plane < end; ++plane) plane_loss<acc_t, S>(problem, plane, same_dtype, scratch);
   });
 }
 
@@ -199,58 +270,83 @@ Stencil parse_stencil(c10::string_view name) {
                     "'; expected 'forward', 'central' or 'sobel'");
 }
 
-std::tuple<at::Tensor, at::Tensor> heatmap_loss_forward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> heatmap_loss_cpu(
     const at::Tensor& pred, const at::Tensor& target, const std::optional<at::Tensor>& teacher,
-    const std::optional<at::Tensor>& alpha, double mse_weight, double grad_weight,
-    c10::string_view stencil, bool compute_grad) {
-  TORCH_CHECK(pred.dim() == 4, "hgloss: pred must be (B, K, H, W), got ", pred.sizes());
-  TORCH_CHECK(target.sizes() == pred.sizes(), "hgloss: target ", target.sizes(),
-              " does not match pred ", pred.sizes());
+    const std::optional<at::Tensor>& alpha, const std::optional<at::Tensor>& weight,
+    double mse_weight, double grad_weight, c10::string_view stencil, c10::string_view reduction,
+    bool compute_grad) {
+  TORCH_CHECK_VALUE(pred.dim() == 4, "hgloss: pred must be (B, K, H, W), got ", pred.sizes());
+  TORCH_CHECK_VALUE(target.sizes() == pred.sizes(), "hgloss: target ", target.sizes(),
+                    " does not match pred ", pred.sizes());
+  const int64_t B = pred.size(0), K = pred.size(1), H = pred.size(2), W = pred.size(3);
   const bool has_teacher = teacher.has_value();
   if (has_teacher) {
-    TORCH_CHECK(teacher->sizes() == pred.sizes(), "hgloss: teacher ", teacher->sizes(),
-                " does not match pred ", pred.sizes());
-    TORCH_CHECK(alpha.has_value() && alpha->dim() == 1 && alpha->size(0) == pred.size(0),
-                "hgloss: a teacher needs a (B,) alpha tensor");
+    TORCH_CHECK_VALUE(teacher->sizes() == pred.sizes(), "hgloss: teacher ", teacher->sizes(),
+                      " does not match pred ", pred.sizes());
+    TORCH_CHECK_VALUE(alpha.has_value() && alpha->dim() == 1 && alpha->size(0) == B,
+                      "hgloss: a teacher needs a (B,) alpha tensor");
   }
+  if (weight.has_value()) {
+    TORCH_CHECK_VALUE(weight->dim() == 2 && weight->size(0) == B && weight->size(1) == K,
+                      "hgloss: weight must be (B, K), got ", weight->sizes());
+  }
+  const bool mean = reduction == "mean";
+  TORCH_CHECK_VALUE(mean || reduction == "sum" || reduction == "none", "hgloss: unknown reduction '",
+                    std::string(reduction), "'");
   const Stencil stencil_kind = parse_stencil(stencil);
-  const auto acc_type = pred.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const int64_t B = pred.size(0), K = pred.size(1), H = pred.size(2), W = pred.size(3);
-  at::Tensor terms = at::empty({B, K}, pred.options().dtype(acc_type));
-  at::Tensor grad = compute_grad ? at::empty({B, K, H, W}, pred.options().dtype(acc_type))
-                                 : at::empty({0}, pred.options().dtype(acc_type));
-  if (B * K == 0) return {terms, grad};
-  at::Tensor alpha_acc = has_teacher ? alpha->to(acc_type).contiguous() : at::Tensor();
 
-  AT_DISPATCH_FLOATING_TYPES(acc_type, "hgloss_heatmap_loss_forward_cpu", [&] {
-    PlaneProblem<scalar_t> problem;
-    problem.pred = StridedInput::of(pred);
-    problem.target = StridedInput::of(target);
-    problem.has_teacher = has_teacher;
-    if (has_teacher) {
-      problem.teacher = StridedInput::of(*teacher);
-      problem.alpha = alpha_acc.data_ptr<scalar_t>();
-    }
-    problem.num_joints = K;
-    problem.height = H;
-    problem.width = W;
-    problem.mse_weight = static_cast<scalar_t>(mse_weight);
-    problem.grad_weight = static_cast<scalar_t>(grad_weight);
-    problem.terms = terms.data_ptr<scalar_t>();
-    problem.grad = compute_grad ? grad.data_ptr<scalar_t>() : nullptr;
-    switch (stencil_kind) {
-      case Stencil::Forward: run_planes<scalar_t, Stencil::Forward>(problem, B * K); break;
-      case Stencil::Central: run_planes<scalar_t, Stencil::Central>(problem, B * K); break;
-      case Stencil::Sobel: run_planes<scalar_t, Stencil::Sobel>(problem, B * K); break;
-    }
+  const auto acc_type = pred.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc_options = pred.options().dtype(acc_type);
+  at::Tensor terms = at::empty({B, K}, acc_options);
+  at::Tensor plane_losses = at::empty({B, K}, acc_options);
+  at::Tensor grad = at::empty(compute_grad ? at::IntArrayRef{B, K, H, W} : at::IntArrayRef{0}, acc_options);
+  at::Tensor alpha_acc = has_teacher ? alpha->to(acc_type).contiguous() : at::Tensor();
+  at::Tensor weight_acc = weight.has_value() ? weight->to(acc_type).contiguous() : at::Tensor();
+
+  if (B * K > 0) {
+    AT_DISPATCH_FLOATING_TYPES(acc_type, "hgloss_heatmap_loss_cpu", [&] {
+      PlaneProblem<scalar_t> problem;
+      problem.pred = StridedInput::of(pred);
+      problem.target = StridedInput::of(target);
+      problem.has_teacher = has_teacher;
+      if (has_teacher) {
+        problem.teacher = StridedInput::of(*teacher);
+        problem.alpha = alpha_acc.data_ptr<scalar_t>();
+      }
+      problem.num_joints = K;
+      problem.height = H;
+      problem.width = W;
+      problem.mse_weight = static_cast<scalar_t>(mse_weight);
+      problem.grad_weight = static_cast<scalar_t>(grad_weight);
+      problem.weight = weight.has_value() ? weight_acc.data_ptr<scalar_t>() : nullptr;
+      problem.reduction_scale = mean ? scalar_t(1) / static_cast<scalar_t>(B * K) : scalar_t(1);
+      problem.terms = terms.data_ptr<scalar_t>();
+      problem.plane_losses = plane_losses.data_ptr<scalar_t>();
+      problem.grad = compute_grad ? grad.data_ptr<scalar_t>() : nullptr;
+      switch (stencil_kind) {
+        case Stencil::Forward: run_planes<scalar_t, Stencil::Forward>(problem, B * K); break;
+        case Stencil::Central: run_planes<scalar_t, Stencil::Central>(problem, B * K); break;
+        case Stencil::Sobel: run_planes<scalar_t, Stencil::Sobel>(problem, B * K); break;
+      }
+    });
+  }
+  if (reduction == "none") return {plane_losses, terms, grad};
+
+  // The plane losses are added in index order by one thread: deterministic.
+  at::Tensor loss = at::empty({}, acc_options);
+  AT_DISPATCH_FLOATING_TYPES(acc_type, "hgloss_reduce_cpu", [&] {
+    const scalar_t* values = plane_losses.data_ptr<scalar_t>();
+    scalar_t total = 0;
+    for (int64_t i = 0; i < B * K; ++i) total += values[i];
+    loss.fill_(mean ? (B * K > 0 ? total / static_cast<scalar_t>(B * K) : scalar_t(0)) : total);
   });
-  return {terms, grad};
+  return {loss, terms, grad};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(hgloss, CPU, m) {
-  m.impl("heatmap_loss_forward", &heatmap_loss_forward_cpu);
+  m.impl("heatmap_loss", &heatmap_loss_cpu);
 }
 
 }  // namespace hgloss
