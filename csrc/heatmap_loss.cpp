@@ -22,4 +22,8 @@ TORCH_LIBRARY(hgloss, m) {
       "float mse_weight, float grad_weight, str stencil, str reduction, bool compute_grad) "
       "-> (Tensor, Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
+  // grad *= scale in place: the backward of heatmap_loss. `scale` holds one value (the upstream
+  // gradient of a reduced loss) or one per plane, (B, K). Planes whose scale is exactly 1 are
+  // left untouched, which the kernel decides without a host round trip.
+  m.def("scale_gradient_(Tensor(a!) grad, Tensor scale) -> ()", {at::Tag::pt2_compliant_tag});
 }

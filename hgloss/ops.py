@@ -1,17 +1,20 @@
 """Custom-operator glue for the fused backends: fake implementations and autograd.
 
 The schema and the kernels are C++ (csrc/). `hgloss::heatmap_loss` returns the reduced loss, the
-per-plane terms and, when asked, dL/dD for an upstream gradient of 1, computed in the same pass.
-The backward only scales that saved gradient by the upstream gradient, in place, and skips even
-that when the upstream gradient of a CPU loss is exactly 1 (the usual `loss.backward()`). So a
-forward+backward allocates one heatmap-sized buffer, which becomes dL/dpred.
+per-plane terms and, when asked, dL/dD for an upstream gradient of 1, all from one pass. The
+backward only scales that saved gradient by the upstream gradient, in place
+(`hgloss::scale_gradient_`, which leaves planes whose factor is exactly 1 untouched, as after the
+usual `loss.backward()`). A forward+backward therefore allocates one heatmap-sized buffer, and
+that buffer becomes dL/dpred.
 
-Because the saved gradient is consumed in place, a second backward through the same graph
-(retain_graph=True) is refused by autograd's saved-tensor version check instead of returning
-wrong values. Double backward raises a clear error.
+A second backward through the same graph (retain_graph=True, as gradcheck does) finds the saved
+buffer consumed and recomputes it with one more forward pass. When the backward is traced
+(torch.compile, AOTAutograd), the scaling is a plain functional multiply instead, since a traced
+graph must not mutate a saved forward output. Double backward raises a clear error.
 """
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from .backends._build import load_extension
 from .backends.reference import accumulation_dtype
@@ -30,76 +33,73 @@ def _fake_heatmap_loss(
     return loss, terms, grad
 
 
+def _fake_scale_gradient_(grad, scale):
+    return None
+
+
 def _setup_context(ctx, inputs, output):
-    pred, target, teacher, alpha, weight = inputs[:5]
-    reduction = inputs[8]
+    pred, target, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction, _ = inputs
     _, terms, grad = output
-    ctx.save_for_backward(grad, terms, alpha)
-    ctx.input_dtypes = (pred.dtype, target.dtype, None if teacher is None else teacher.dtype)
-    ctx.weight_dtype = None if weight is None else weight.dtype
-    ctx.reduction = reduction
-    ctx.num_planes = pred.shape[0] * pred.shape[1]
-    # terms and grad are outputs no loss uses; without this autograd would hand the backward
-    # tensors of zeros for them, one of them heatmap-sized.
+    ctx.save_for_backward(grad, terms, pred, target, teacher, alpha, weight)
+    ctx.settings = (mse_weight, grad_weight, stencil, reduction)
+    ctx.gradient_consumed = False
+    # terms and grad exist for the backward only: no gradient flows through them, and none is
+    # materialised for them (one is heatmap-sized).
+    ctx.mark_non_differentiable(terms, grad)
     ctx.set_materialize_grads(False)
 
 
-def _is_exactly_one(grad_loss: torch.Tensor) -> bool:
-    """Whether a scalar upstream gradient is 1, checked only where that costs no device sync."""
-    return (
-        grad_loss.dim() == 0
-        and grad_loss.device.type == "cpu"
-        and not torch.compiler.is_compiling()
-        and bool(grad_loss == 1)
-    )
+def _is_traced(tensor: torch.Tensor) -> bool:
+    """Whether the backward is being traced (torch.compile, AOTAutograd, opcheck) rather than run."""
+    return torch.compiler.is_compiling() or is_fake(tensor)
 
 
-def _backward(ctx, grad_loss, grad_of_terms, grad_of_saved_gradient):
-    if torch.is_grad_enabled() or grad_of_terms is not None or grad_of_saved_gradient is not None:
+def _grad_diff(ctx, grad, upstream, inputs):
+    """dL/dD for this upstream gradient."""
+    mse_weight, grad_weight, stencil, reduction = ctx.settings
+    if _is_traced(grad):
+        return grad * (upstream[:, :, None, None] if reduction == "none" else upstream)
+    if ctx.gradient_consumed:
+        _, _, grad = torch.ops.hgloss.heatmap_loss(*inputs, mse_weight, grad_weight, stencil, reduction, True)
+    ctx.gradient_consumed = True
+    torch.ops.hgloss.scale_gradient_(grad, upstream)
+    return grad
+
+
+def _backward(ctx, grad_loss, _grad_of_terms, _grad_of_saved_gradient):
+    if torch.is_grad_enabled():
         raise RuntimeError(
-            "hgloss: double backward (and gradients through the op's auxiliary outputs) is not "
-            "supported by the fused backends; use backend='reference' for higher-order gradients"
+            "hgloss: double backward is not supported by the fused backends; "
+            "use backend='reference' for higher-order gradients"
         )
-    grad, terms, alpha = ctx.saved_tensors
-    pred_dtype, target_dtype, teacher_dtype = ctx.input_dtypes
+    grad, terms, pred, target, teacher, alpha, weight = ctx.saved_tensors
+    reduction = ctx.settings[3]
     needs_pred, needs_target, needs_teacher, _, needs_weight = ctx.needs_input_grad[:5]
     if grad_loss is None:
         return (None,) * 10
     upstream = grad_loss.to(terms.dtype)
-    if ctx.reduction == "none":
-        plane_upstream = upstream
-    elif ctx.reduction == "mean":
-        plane_upstream = upstream / max(ctx.num_planes, 1)
-    else:
-        plane_upstream = upstream
 
     grad_weight = None
     if needs_weight:
-        grad_weight = (plane_upstream * terms).to(ctx.weight_dtype)
+        plane_upstream = upstream / max(terms.numel(), 1) if reduction == "mean" else upstream
+        grad_weight = (plane_upstream * terms).to(weight.dtype)
 
     grad_pred = grad_target = grad_teacher = None
     if needs_pred or needs_target or needs_teacher:
-        if grad.numel() == 0 and terms.numel() != 0:
-            raise RuntimeError("hgloss: the forward ran without compute_grad, so no gradient was saved")
-        # dL/dD, written over the saved buffer.
-        if ctx.reduction == "none":
-            grad_diff = grad.mul_(upstream[:, :, None, None])
-        elif _is_exactly_one(upstream):
-            grad_diff = grad
-        else:
-            grad_diff = grad.mul_(upstream)
+        grad_diff = _grad_diff(ctx, grad, upstream, (pred, target, teacher, alpha, weight))
         if needs_teacher:
-            grad_teacher = (grad_diff * -alpha[:, None, None, None]).to(teacher_dtype)
+            grad_teacher = (grad_diff * -alpha[:, None, None, None]).to(teacher.dtype)
         if needs_target:
             target_scale = -1.0 if alpha is None else (alpha - 1)[:, None, None, None]
-            grad_target = (grad_diff * target_scale).to(target_dtype)
+            grad_target = (grad_diff * target_scale).to(target.dtype)
         if needs_pred:
-            grad_pred = grad_diff.to(pred_dtype)
+            grad_pred = grad_diff.to(pred.dtype)
     return grad_pred, grad_target, grad_teacher, None, grad_weight, None, None, None, None, None
 
 
 if HAS_EXTENSION:
     torch.library.register_fake("hgloss::heatmap_loss")(_fake_heatmap_loss)
+    torch.library.register_fake("hgloss::scale_gradient_")(_fake_scale_gradient_)
     torch.library.register_autograd("hgloss::heatmap_loss", _backward, setup_context=_setup_context)
 
 

@@ -343,10 +343,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> heatmap_loss_cpu(
   return {loss, terms, grad};
 }
 
+template <typename scalar_t>
+void scale_planes(scalar_t* data, const scalar_t* factors, bool per_plane, int64_t planes, int64_t plane_size) {
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(plane_size, 1));
+  at::parallel_for(0, planes, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const scalar_t factor = factors[per_plane ? plane : 0];
+      if (factor == scalar_t(1)) continue;
+      scalar_t* values = data + plane * plane_size;
+#pragma omp simd
+      for (int64_t n = 0; n < plane_size; ++n) values[n] *= factor;
+    }
+  });
+}
+
+void scale_gradient_cpu(const at::Tensor& grad, const at::Tensor& scale) {
+  TORCH_CHECK_VALUE(grad.dim() == 4 && grad.is_contiguous(), "hgloss: grad must be a contiguous (B, K, H, W) tensor");
+  const int64_t planes = grad.size(0) * grad.size(1), plane_size = grad.size(2) * grad.size(3);
+  TORCH_CHECK_VALUE(scale.numel() == 1 || scale.numel() == planes, "hgloss: scale must hold 1 or B*K values, got ",
+                    scale.numel());
+  if (planes == 0) return;
+  const at::Tensor scale_acc = scale.to(grad.scalar_type()).contiguous();
+  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "hgloss_scale_gradient_cpu", [&] {
+    scale_planes<scalar_t>(grad.data_ptr<scalar_t>(), scale_acc.data_ptr<scalar_t>(), scale_acc.numel() != 1, planes,
+                           plane_size);
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(hgloss, CPU, m) {
   m.impl("heatmap_loss", &heatmap_loss_cpu);
+  m.impl("scale_gradient_", &scale_gradient_cpu);
 }
 
 }  // namespace hgloss

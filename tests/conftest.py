@@ -1,0 +1,60 @@
+"""Shared helpers: input factories, the SPEC accuracy measures, and the fused backends to test."""
+
+import pytest
+import torch
+
+import hgloss
+
+# Fused backends and the device each computes on. Every one is tested against "reference".
+FUSED_DEVICES = {"cpu": "cpu"}
+
+
+def fused_backend_params():
+    """pytest params for every fused backend, skipped with the reason when it is unavailable."""
+    params = []
+    available = hgloss.available_backends()
+    for name, device in FUSED_DEVICES.items():
+        marks = []
+        if name not in available:
+            from hgloss.backends import _build
+
+            marks.append(pytest.mark.skip(reason=f"backend {name!r} unavailable: {_build.failure_reason()}"))
+        params.append(pytest.param(name, id=name, marks=marks))
+    return params
+
+
+def loss_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """SPEC: max|out - ref| / max(max|ref|, tiny)."""
+    out, ref = out.double(), ref.double()
+    if ref.numel() == 0:
+        return 0.0
+    scale = max(ref.abs().max().item(), torch.finfo(torch.float64).tiny)
+    return (out - ref).abs().max().item() / scale
+
+
+def grad_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """SPEC: norm(out - ref) / norm(ref); the absolute norm when ref is zero."""
+    out, ref = out.double(), ref.double()
+    diff = (out - ref).norm().item()
+    ref_norm = ref.norm().item()
+    return diff / ref_norm if ref_norm > 0 else diff
+
+
+def heatmaps(shape, dtype=torch.float64, device="cpu", generator=None, kind="gaussian"):
+    """Heatmap-like test data: Gaussian blobs plus noise, or plain normal noise."""
+    batch, joints, height, width = shape
+    noise = torch.randn(shape, generator=generator, dtype=torch.float64)
+    if kind == "gaussian" and batch * joints > 0:
+        ys = torch.arange(height, dtype=torch.float64).view(1, 1, height, 1)
+        xs = torch.arange(width, dtype=torch.float64).view(1, 1, 1, width)
+        centre_y = torch.rand(batch, joints, 1, 1, generator=generator, dtype=torch.float64) * height
+        centre_x = torch.rand(batch, joints, 1, 1, generator=generator, dtype=torch.float64) * width
+        sigma = 1 + 2 * torch.rand(batch, joints, 1, 1, generator=generator, dtype=torch.float64)
+        blob = torch.exp(-((ys - centre_y) ** 2 + (xs - centre_x) ** 2) / (2 * sigma**2))
+        noise = blob + 0.1 * noise
+    return noise.to(dtype=dtype, device=device)
+
+
+@pytest.fixture
+def generator():
+    return torch.Generator().manual_seed(1234)

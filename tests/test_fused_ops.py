@@ -1,0 +1,228 @@
+"""The fused operators as PyTorch custom ops: accuracy per dtype, determinism, NaN/Inf,
+opcheck, gradcheck, torch.compile, double backward and memory."""
+
+import pytest
+import torch
+
+import hgloss
+from hgloss.backends import reference
+
+from conftest import fused_backend_params, grad_error, heatmaps, loss_error
+
+# SPEC section 1: accuracy against a float64 evaluation of the formulas on the upcast inputs.
+TOLERANCES = {torch.float64: 1e-5, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def inputs_in(dtype, shape, generator):
+    pred = heatmaps(shape, generator=generator).to(dtype)
+    target = heatmaps(shape, generator=generator).to(dtype)
+    teacher = heatmaps(shape, generator=generator).to(dtype)
+    alpha = torch.rand(shape[0], generator=generator, dtype=torch.float64)
+    weight = torch.rand(shape[:2] + (1,), generator=generator).to(dtype)
+    return pred, target, teacher, alpha, weight
+
+
+@pytest.mark.parametrize("backend", fused_backend_params())
+@pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
+@pytest.mark.parametrize("stencil", ["forward", "central", "sobel"])
+def test_accuracy_per_dtype(backend, dtype, stencil, generator):
+    shape = (4, 17, 64, 48)
+    pred, target, teacher, alpha, weight = inputs_in(dtype, shape, generator)
+    pred.requires_grad_(True)
+    # "sum" keeps the float16 gradient in its normal range; the mean's 1/(B*K*H*W) scale would
+    # push it into float16's subnormals, where no implementation meets 2e-3.
+    loss = hgloss.heatmap_gradient_loss(
+        pred, target, weight, teacher=teacher, alpha=alpha, stencil=stencil, reduction="sum", backend=backend
+    )
+    (grad,) = torch.autograd.grad(loss, pred)
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert grad.dtype == dtype
+
+    upcast = [t.detach().double().requires_grad_(t is pred) for t in (pred, target, teacher, alpha, weight)]
+    ref = hgloss.heatmap_gradient_loss(
+        upcast[0], upcast[1], upcast[4], teacher=upcast[2], alpha=upcast[3], stencil=stencil,
+        reduction="sum", backend="reference",
+    )
+    (ref_grad,) = torch.autograd.grad(ref, upcast[0])
+    assert loss_error(loss, ref) <= TOLERANCES[dtype]
+    assert grad_error(grad, ref_grad) <= TOLERANCES[dtype]
+
+
+@pytest.mark.parametrize("backend", fused_backend_params())
+def test_bfloat16_and_float16_inputs_are_not_rounded_before_the_sums(backend, generator):
+    """A loss on half inputs equals the loss on the same values held in float32, exactly up to
+    float32 rounding: the kernel upcasts on load and accumulates in float32."""
+    for dtype in (torch.float16, torch.bfloat16):
+        pred, target, teacher, alpha, weight = inputs_in(dtype, (2, 5, 32, 24), generator)
+        half = hgloss.heatmap_gradient_loss(pred, target, weight, teacher=teacher, alpha=alpha, backend=backend)
+        single = hgloss.heatmap_gradient_loss(
+            pred.float(), target.float(), weight.float(), teacher=teacher.float(), alpha=alpha, backend=backend
+        )
+        assert loss_error(half, single) <= 1e-6
+
+
+@pytest.mark.parametrize("backend", fused_backend_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_deterministic_bit_identical(backend, dtype, generator):
+    pred, target, teacher, alpha, weight = inputs_in(dtype, (16, 17, 64, 48), generator)
+    results = []
+    for threads in (1, torch.get_num_threads(), 1, torch.get_num_threads()):
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            p = pred.detach().clone().requires_grad_(True)
+            loss = hgloss.heatmap_gradient_loss(p, target, weight, teacher=teacher, alpha=alpha, backend=backend)
+            loss.backward()
+            results.append((loss.detach(), p.grad))
+        finally:
+            torch.set_num_threads(previous)
+    for loss, grad in results[1:]:
+        assert torch.equal(loss, results[0][0])
+        assert torch.equal(grad, results[0][1])
+
+
+@pytest.mark.parametrize("backend", fused_backend_params())
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("where", ["pred", "target", "teacher"])
+def test_non_finite_inputs_propagate(backend, bad_value, where, generator):
+    pred, target, teacher, alpha, weight = inputs_in(torch.float32, (2, 3, 8, 6), generator)
+    tensors = {"pred": pred, "target": target, "teacher": teacher}
+    tensors[where][1, 2, 0, 5] = bad_value
+    losses = hgloss.heatmap_gradient_loss(
+        pred, target, weight, teacher=teacher, alpha=alpha, backend=backend, reduction="none"
+    )
+    assert not torch.isfinite(losses[1, 2])
+    assert torch.isfinite(losses[0]).all() and torch.isfinite(losses[1, :2]).all()
+    ref = hgloss.heatmap_gradient_loss(
+        pred, target, weight, teacher=teacher, alpha=alpha, backend="reference", reduction="none"
+    )
+    assert torch.equal(torch.isnan(losses), torch.isnan(ref))
+
+
+def op_samples(device="cpu"):
+    """Argument tuples for torch.ops.hgloss.heatmap_loss covering its optional inputs."""
+    generator = torch.Generator().manual_seed(7)
+    samples = []
+    for teacher in (False, True):
+        for weight in (False, True):
+            for reduction, stencil in (("mean", "forward"), ("sum", "sobel"), ("none", "central")):
+                shape = (2, 3, 6, 5)
+                pred = heatmaps(shape, torch.float32, device, generator).requires_grad_(True)
+                target = heatmaps(shape, torch.float32, device, generator).requires_grad_(True)
+                teacher_t = heatmaps(shape, torch.float32, device, generator).requires_grad_(True) if teacher else None
+                alpha = torch.rand(2, generator=generator).to(device) if teacher else None
+                weight_t = torch.rand(2, 3, generator=generator).to(device).requires_grad_(True) if weight else None
+                samples.append((pred, target, teacher_t, alpha, weight_t, 0.5, 2.0, stencil, reduction, True))
+    return samples
+
+
+@pytest.mark.parametrize("backend", fused_backend_params())
+def test_opcheck(backend):
+    for args in op_samples():
+        torch.library.opcheck(torch.ops.hgloss.heatmap_loss.default, args)
+
+
+@pytest.mark.parametrize("backend", fused_backend_params())
+@pytest.mark.parametrize("stencil", ["forward", "central", "sobel"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gradcheck(backend, stencil, reduction, generator):
+    shape = (2, 3, 5, 4)
+    pred = heatmaps(shape, generator=generator).requires_grad_(True)
+    target = heatmaps(shape, generator=generator).requires_grad_(True)
+    teacher = heatmaps(shape, generator=generator).requires_grad_(True)
+    weight = torch.rand(2, 3, 1, dtype=torch.float64, generator=generator).requires_grad_(True)
+    alpha = torch.rand(2, dtype=torch.float64, generator=generator)
+
+    def loss(p, t, s, w):
+        return hgloss.heatmap_gradient_loss(
+            p, t, w, teacher=s, alpha=alpha, stencil=stencil, reduction=reduction, backend=backend, grad_weight=1.5
+        )
+
+    assert torch.autograd.gradcheck(loss, (pred, target, teacher, weight))
+
+
+@pytest.mark.parametrize("backend", fused_backend_params())
+def test_double_backward_raises(backend, generator):
+    pred = heatmaps((2, 3, 6, 5), generator=generator).requires_grad_(True)
+    target = heatmaps((2, 3, 6, 5), generator=generator)
+    loss = hgloss.heatmap_gradient_loss(pred, target, backend=backend)
+    # The graph of the gradient would be wrong, so asking for one is refused at once.
+    with pytest.raises(RuntimeError, match="double backward is not supported"):
+        torch.autograd.grad(loss, pred, create_graph=True)
+
+
+@pytest.mark.parametrize("backend", fused_backend_params())
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_repeated_backward_through_retained_graph(backend, reduction, generator):
+    """The first backward consumes the saved gradient in place; later ones must still be right."""
+    pred = heatmaps((2, 3, 6, 5), generator=generator).requires_grad_(True)
+    target = heatmaps((2, 3, 6, 5), generator=generator)
+    loss = hgloss.heatmap_gradient_loss(pred, target, backend=backend, reduction=reduction, stencil="sobel")
+    ref = hgloss.heatmap_gradient_loss(pred, target, backend="reference", reduction=reduction, stencil="sobel")
+    for factor in (1.0, -2.5, 0.25):
+        upstream = torch.full_like(loss, factor)
+        (grad,) = torch.autograd.grad(loss, pred, upstream, retain_graph=True)
+        (ref_grad,) = torch.autograd.grad(ref, pred, upstream, retain_graph=True)
+        assert grad_error(grad, ref_grad) <= 1e-12
+
+
+@pytest.mark.parametrize("backend", fused_backend_params())
+def test_torch_compile_fullgraph_matches_eager(backend, generator):
+    torch._dynamo.reset()
+    shape = (4, 17, 16, 12)
+    pred = heatmaps(shape, torch.float32, generator=generator)
+    target = heatmaps(shape, torch.float32, generator=generator)
+    teacher = heatmaps(shape, torch.float32, generator=generator)
+    weight = torch.rand(4, 17, 1, generator=generator)
+
+    def step(p):
+        loss = hgloss.heatmap_gradient_loss(
+            p, target, weight, teacher=teacher, alpha=0.3, stencil="sobel", backend=backend
+        )
+        return loss * 3.0
+
+    compiled = torch.compile(step, fullgraph=True)
+    eager_pred = pred.clone().requires_grad_(True)
+    compiled_pred = pred.clone().requires_grad_(True)
+    eager_loss = step(eager_pred)
+    eager_loss.backward()
+    compiled_loss = compiled(compiled_pred)
+    compiled_loss.backward()
+    assert loss_error(compiled_loss, eager_loss) <= 1e-6
+    assert grad_error(compiled_pred.grad, eager_pred.grad) <= 1e-6
+
+
+def peak_extra_bytes(fn) -> int:
+    """The peak of CPU allocator bytes live during fn(), above those live when it starts, from the
+    allocation and free events the torch profiler records."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    live = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+@pytest.mark.parametrize("backend", fused_backend_params())
+def test_forward_backward_allocates_one_heatmap(backend, generator):
+    """SPEC section 4: beyond the gradient itself only O(B*K) memory."""
+    shape = (16, 17, 64, 48)
+    pred = heatmaps(shape, torch.float32, generator=generator).requires_grad_(True)
+    target = heatmaps(shape, torch.float32, generator=generator)
+    teacher = heatmaps(shape, torch.float32, generator=generator)
+    weight = torch.rand(16, 17, 1, generator=generator)
+
+    def step():
+        hgloss.heatmap_gradient_loss(pred, target, weight, teacher=teacher, backend=backend).backward()
+
+    step()
+    pred.grad = None
+    heatmap_bytes = pred.numel() * pred.element_size()
+    assert peak_extra_bytes(step) <= 1.1 * heatmap_bytes
+    # The reference backend materialises T, D and both gradient maps; the measure sees that.
+    pred.grad = None
+    assert peak_extra_bytes(
+        lambda: hgloss.heatmap_gradient_loss(pred, target, weight, teacher=teacher, backend="reference").backward()
+    ) > 3 * heatmap_bytes
