@@ -34,7 +34,8 @@ def available_backends() -> list[str]:
     return [name for name in BACKENDS if _backend_devices(name)]
 
 
-def _resolve_backend(backend: str, device: torch.device) -> str:
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend that computes on `device` for a requested name ("auto" included)."""
     if backend == "auto":
         backend = os.environ.get("HGLOSS_BACKEND", "auto") or "auto"
         if backend not in BACKENDS + ("auto",):
@@ -177,7 +178,7 @@ def heatmap_gradient_loss(
         >>> loss.backward()
     """
     _validate(pred, target, target_weight, teacher, alpha, mse_weight, grad_weight, stencil, reduction)
-    backend = _resolve_backend(backend, pred.device)
+    backend = resolve_backend(backend, pred.device)
     dtype = reference.accumulation_dtype(pred)
     blend = None
     if teacher is not None:

@@ -1,0 +1,107 @@
+"""Backend choice: available_backends, "auto", HGLOSS_BACKEND, the fallback when the C++ extension
+is missing, and the just-in-time build."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import hgloss
+from hgloss import functional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_available_backends_lists_cpu_and_reference():
+    backends = hgloss.available_backends()
+    assert backends[-1] == "reference"
+    assert "cpu" in backends, "the C++ extension should be built by `make install`"
+    assert all(name in functional.BACKENDS for name in backends)
+
+
+def test_auto_picks_the_fused_cpu_kernel(monkeypatch):
+    monkeypatch.delenv("HGLOSS_BACKEND", raising=False)
+    assert functional.resolve_backend("auto", torch.device("cpu")) == "cpu"
+
+
+def test_environment_overrides_auto(monkeypatch):
+    monkeypatch.setenv("HGLOSS_BACKEND", "reference")
+    assert functional.resolve_backend("auto", torch.device("cpu")) == "reference"
+    # An explicit backend wins over the environment.
+    assert functional.resolve_backend("cpu", torch.device("cpu")) == "cpu"
+    # The override changes the numbers' source, not the numbers.
+    pred, target = torch.rand(2, 3, 8, 6, dtype=torch.float64), torch.rand(2, 3, 8, 6, dtype=torch.float64)
+    via_env = hgloss.heatmap_gradient_loss(pred, target)
+    monkeypatch.setenv("HGLOSS_BACKEND", "cpu")
+    assert torch.allclose(via_env, hgloss.heatmap_gradient_loss(pred, target), rtol=1e-12, atol=0)
+
+
+def test_environment_with_unknown_backend(monkeypatch):
+    monkeypatch.setenv("HGLOSS_BACKEND", "fast")
+    with pytest.raises(ValueError, match="HGLOSS_BACKEND='fast' is not a backend"):
+        hgloss.heatmap_gradient_loss(torch.rand(1, 1, 2, 2), torch.rand(1, 1, 2, 2))
+
+
+def run_python(code, **env):
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def test_without_the_extension_everything_runs_on_the_reference():
+    result = run_python(
+        """
+        import warnings, torch
+        warnings.simplefilter("always")
+        import hgloss
+        assert hgloss.available_backends() == ["reference"], hgloss.available_backends()
+        pred = torch.rand(2, 3, 8, 6, requires_grad=True)
+        hgloss.heatmap_gradient_loss(pred, torch.rand(2, 3, 8, 6)).backward()
+        assert pred.grad is not None
+        try:
+            hgloss.heatmap_gradient_loss(pred, torch.rand(2, 3, 8, 6), backend="cpu")
+        except RuntimeError as error:
+            print("refused:", error)
+        else:
+            raise AssertionError("backend='cpu' should be refused without the extension")
+        """,
+        HGLOSS_DISABLE_EXTENSION="1",
+        HGLOSS_BACKEND="",
+    )
+    assert "refused: backend 'cpu' is not available for cpu tensors; available here: ['reference']" in result.stdout
+
+
+def test_missing_extension_is_built_just_in_time(tmp_path):
+    """With hgloss._C unimportable, the sources are compiled once with ninja and the fused
+    kernel is used; the result equals the ahead-of-time build's."""
+    result = run_python(
+        """
+        import importlib.abc, sys
+        class HideExtension(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name == "hgloss._C":
+                    raise ImportError("hidden for this test")
+        sys.meta_path.insert(0, HideExtension())
+        import torch, hgloss
+        assert "cpu" in hgloss.available_backends(), hgloss.available_backends()
+        torch.manual_seed(0)
+        pred, target = torch.rand(2, 3, 8, 6, dtype=torch.float64), torch.rand(2, 3, 8, 6, dtype=torch.float64)
+        print(repr(hgloss.heatmap_gradient_loss(pred, target, backend="cpu").item()))
+        """,
+        TORCH_EXTENSIONS_DIR=str(tmp_path),
+    )
+    assert "compiling the C++ extension" in result.stderr
+    torch.manual_seed(0)
+    pred, target = torch.rand(2, 3, 8, 6, dtype=torch.float64), torch.rand(2, 3, 8, 6, dtype=torch.float64)
+    expected = hgloss.heatmap_gradient_loss(pred, target, backend="cpu").item()
+    assert float(result.stdout.strip().splitlines()[-1]) == expected
