@@ -11,11 +11,21 @@ Switches (environment variables):
 """
 
 import glob
+import importlib.util
 import os
 
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def load_build_settings():
+    """hgloss/backends/_build.py, the one place the sources and flags are listed, loaded without
+    importing the hgloss package (which would need the extension this script builds)."""
+    spec = importlib.util.spec_from_file_location("_hgloss_build", os.path.join(ROOT, "hgloss", "backends", "_build.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def cuda_wanted(torch_cuda_version, cuda_home):
@@ -37,8 +47,9 @@ def extensions():
               "(use `pip install --no-build-isolation`)")
         return [], {}
 
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", f"-march={os.environ.get('HGLOSS_CPU_ARCH', 'native')}"]
-    sources = ["csrc/heatmap_loss.cpp", "csrc/cpu/heatmap_loss_kernel.cpp"]
+    build_settings = load_build_settings()
+    cxx_flags = build_settings.cpu_compile_flags()
+    sources = [os.path.join("csrc", name) for name in build_settings.CPU_SOURCES]
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     extension_class = cpp_extension.CppExtension
     extra_compile_args = {"cxx": cxx_flags}
@@ -46,7 +57,7 @@ def extensions():
     if cuda_sources and cuda_wanted(torch.version.cuda, cpp_extension.CUDA_HOME):
         sources += cuda_sources
         extension_class = cpp_extension.CUDAExtension
-        extra_compile_args["nvcc"] = ["-O3", "-std=c++17", "--use_fast_math"]
+        extra_compile_args["nvcc"] = ["-O3", "-std=c++17"]
     ext = extension_class(
         name="hgloss._C",
         sources=sources,

@@ -1,10 +1,13 @@
-// CPU kernel of hgloss::heatmap_loss_forward.
+// CPU kernels of hgloss::heatmap_loss and hgloss::scale_gradient_.
 //
-// Each plane (b, k) is owned by one thread (at::parallel_for over B*K planes) and streamed row by
-// row: a ring of three rows of D = P - ((1 - a) G + a S) and three rows of the adjoint
-// accumulator A^T A D stay in L1, so T, D and the gradient maps are never written to memory. Per
-// pixel it reads P, G (and S) once and, when asked, writes dL/dD once. Sums run in a fixed
-// order inside each plane, so results are bit-identical whatever the thread count.
+// One thread owns one plane (b, k) at a time (at::parallel_for over the B*K planes) and stages it
+// in a private scratch the size of one plane: pass 1 builds D = P - ((1 - a) G + a S) and sums
+// D^2, pass 2 builds Ax and Ay and sums their squares, pass 3 gathers dL/dD through the adjoint.
+// At 64x48 the scratch (D, Ax, Ay and two validity masks, 63 KiB in float32) stays in L2, so per
+// pixel the kernel reads P, G (and S) from memory once and writes dL/dD once; T, D and the
+// gradient maps never reach a full-size tensor. Sums run in a fixed order inside each plane and
+// the plane losses are added in index order, so results are bit-identical whatever the thread
+// count.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>

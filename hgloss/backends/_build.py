@@ -14,7 +14,15 @@ import sys
 import warnings
 
 _CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "csrc")
-_JIT_SOURCES = ("heatmap_loss.cpp", os.path.join("cpu", "heatmap_loss_kernel.cpp"))
+# Relative to csrc/. setup.py builds the same sources with the same flags.
+CPU_SOURCES = ("heatmap_loss.cpp", os.path.join("cpu", "heatmap_loss_kernel.cpp"))
+
+
+def cpu_compile_flags() -> list[str]:
+    """-march defaults to the building machine's (HGLOSS_CPU_ARCH=x86-64-v3 etc. for portable
+    builds): the kernel's passes are written to be vectorised, and AVX2/AVX-512 doubles or
+    quadruples their width over the baseline SSE2."""
+    return ["-O3", "-std=c++17", "-fopenmp", f"-march={os.environ.get('HGLOSS_CPU_ARCH', 'native')}"]
 
 _loaded: bool | None = None
 _failure: str | None = None
@@ -23,7 +31,7 @@ _failure: str | None = None
 def _jit_build() -> None:
     from torch.utils import cpp_extension
 
-    sources = [os.path.join(_CSRC, name) for name in _JIT_SOURCES]
+    sources = [os.path.join(_CSRC, name) for name in CPU_SOURCES]
     missing = [path for path in sources if not os.path.exists(path)]
     if missing:
         raise FileNotFoundError(f"the C++ sources are not shipped with this install: {missing[0]}")
@@ -32,7 +40,7 @@ def _jit_build() -> None:
         name="hgloss_C",
         sources=sources,
         extra_include_paths=[os.path.join(_CSRC, "include")],
-        extra_cflags=["-O3", "-std=c++17", "-fopenmp"],
+        extra_cflags=cpu_compile_flags(),
         extra_ldflags=["-fopenmp"],
         is_python_module=False,
     )
