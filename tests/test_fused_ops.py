@@ -99,6 +99,18 @@ def test_non_finite_inputs_propagate(backend, bad_value, where, generator):
     assert torch.equal(torch.isnan(losses), torch.isnan(ref))
 
 
+@pytest.mark.parametrize("backend", fused_backend_params() + ["reference"])
+def test_empty_batch(backend):
+    pred = torch.rand(0, 17, 64, 48, requires_grad=True)
+    target = torch.rand(0, 17, 64, 48)
+    mean = hgloss.heatmap_gradient_loss(pred, target, torch.rand(0, 17), backend=backend)
+    assert mean.shape == () and mean.item() == 0.0
+    mean.backward()
+    assert pred.grad.shape == pred.shape
+    assert hgloss.heatmap_gradient_loss(pred, target, backend=backend, reduction="sum").item() == 0.0
+    assert hgloss.heatmap_gradient_loss(pred, target, backend=backend, reduction="none").shape == (0, 17)
+
+
 def op_samples(device="cpu"):
     """Argument tuples for torch.ops.hgloss.heatmap_loss covering its optional inputs."""
     generator = torch.Generator().manual_seed(7)
