@@ -81,23 +81,50 @@ def test_without_the_extension_everything_runs_on_the_reference():
     assert "refused: backend 'cpu' is not available for cpu tensors; available here: ['reference']" in result.stdout
 
 
+HIDE_EXTENSION = """
+import importlib.abc, sys
+class HideExtension(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "hgloss._C":
+            raise ImportError("hidden for this test")
+sys.meta_path.insert(0, HideExtension())
+"""
+
+
+def test_failed_just_in_time_build_warns_once_and_falls_back(tmp_path):
+    result = run_python(
+        HIDE_EXTENSION
+        + """
+import warnings
+warnings.simplefilter("always")
+with warnings.catch_warnings(record=True) as caught:
+    import torch, hgloss
+    from hgloss.backends import _build
+    assert _build.load_extension() is False
+    pred = torch.rand(2, 3, 8, 6, requires_grad=True)
+    hgloss.heatmap_gradient_loss(pred, torch.rand(2, 3, 8, 6)).backward()
+print(hgloss.available_backends())
+print(sum("the C++ extension is unavailable" in str(w.message) for w in caught), "warning")
+""",
+        TORCH_EXTENSIONS_DIR=str(tmp_path),
+        CXX="/nonexistent/c++",
+    )
+    assert "['reference']" in result.stdout
+    assert "1 warning" in result.stdout
+
+
 def test_missing_extension_is_built_just_in_time(tmp_path):
     """With hgloss._C unimportable, the sources are compiled once with ninja and the fused
     kernel is used; the result equals the ahead-of-time build's."""
     result = run_python(
-        """
-        import importlib.abc, sys
-        class HideExtension(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path, target=None):
-                if name == "hgloss._C":
-                    raise ImportError("hidden for this test")
-        sys.meta_path.insert(0, HideExtension())
-        import torch, hgloss
-        assert "cpu" in hgloss.available_backends(), hgloss.available_backends()
-        torch.manual_seed(0)
-        pred, target = torch.rand(2, 3, 8, 6, dtype=torch.float64), torch.rand(2, 3, 8, 6, dtype=torch.float64)
-        print(repr(hgloss.heatmap_gradient_loss(pred, target, backend="cpu").item()))
-        """,
+        HIDE_EXTENSION
+        + """
+import torch, hgloss
+assert "cpu" in hgloss.available_backends(), hgloss.available_backends()
+torch.manual_seed(0)
+pred, target = torch.rand(2, 3, 8, 6, dtype=torch.float64), torch.rand(2, 3, 8, 6, dtype=torch.float64)
+print(repr(hgloss.heatmap_gradient_loss(pred, target, backend="cpu").item()))
+""",
         TORCH_EXTENSIONS_DIR=str(tmp_path),
     )
     assert "compiling the C++ extension" in result.stderr
