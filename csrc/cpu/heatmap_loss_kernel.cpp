@@ -14,8 +14,6 @@
 #include <torch/library.h>
 
 #include <string>
-#include <type_traits>
-#include <utility>
 #include <vector>
 
 #include "hgloss/stencil.h"
@@ -145,28 +143,15 @@ acc_t load_difference_mixed(const PlaneProblem<acc_t>& p, int64_t b, int64_t k, 
   return sum_of_squares(diff, H * W);
 }
 
-// sum_{u,v} tap(u, v) * x[n + Sign * (u W + v)] over the nonzero taps, unrolled at compile time.
-// Sign = +1 applies the stencil, (A D)[n]; Sign = -1 gathers its adjoint, (A^T map)[n].
-template <typename acc_t, Stencil S, bool IsX, int Sign, int... TapIndex>
-inline acc_t sum_taps(const acc_t* x, int64_t n, int64_t width, std::integer_sequence<int, TapIndex...>) {
+// sum_{u,v} tap(u, v) * x[n + Sign * (u W + v)] over the nonzero taps. Sign = +1 applies the
+// stencil, (A D)[n]; Sign = -1 gathers its adjoint, (A^T map)[n].
+template <typename acc_t, Stencil S, bool IsX, int Sign>
+inline acc_t sum_taps(const acc_t* x, int64_t n, int64_t width) {
   acc_t value = 0;
-  auto add_tap = [&](auto index) {
-    constexpr int u = decltype(index)::value / 3 - 1, v = decltype(index)::value % 3 - 1;
-    constexpr double tap = IsX ? x_tap<S>(u, v) : y_tap<S>(u, v);
-    if constexpr (tap != 0.0) value += static_cast<acc_t>(tap) * x[n + Sign * (u * width + v)];
-  };
-  (add_tap(std::integral_constant<int, TapIndex>{}), ...);
+  for_each_tap<S, IsX>([&](int u, int v, double tap) {
+    value += static_cast<acc_t>(tap) * x[n + Sign * (u * width + v)];
+  });
   return value;
-}
-
-template <typename acc_t, Stencil S, bool IsX>
-inline acc_t apply_taps(const acc_t* diff, int64_t n, int64_t width) {
-  return sum_taps<acc_t, S, IsX, 1>(diff, n, width, std::make_integer_sequence<int, 9>{});
-}
-
-template <typename acc_t, Stencil S, bool IsX>
-inline acc_t adjoint_taps(const acc_t* map, int64_t n, int64_t width) {
-  return sum_taps<acc_t, S, IsX, -1>(map, n, width, std::make_integer_sequence<int, 9>{});
 }
 
 // One thread's staging area for a plane: D, Ax and Ay, each H*W values in row-major order with a
@@ -202,8 +187,43 @@ struct PlaneScratch {
   acc_t* valid_y;
 };
 
+// Prefetches the next plane's inputs while the current one is computed, so that its memory reads
+// overlap this plane's arithmetic instead of following it. Only planes stored contiguously are
+// prefetched; the part-by-part split spreads the requests over the compute passes.
+template <typename acc_t>
+class NextPlanePrefetcher {
+ public:
+  NextPlanePrefetcher(const PlaneProblem<acc_t>& p, int64_t next_plane) {
+    if (next_plane < 0) return;
+    const int64_t b = next_plane / p.num_joints, k = next_plane % p.num_joints;
+    for (const StridedInput* in : {&p.pred, &p.target, p.has_teacher ? &p.teacher : nullptr}) {
+      if (in == nullptr || in->stride_w != 1 || (in->stride_h != p.width && p.height != 1)) continue;
+      const int64_t element_size = static_cast<int64_t>(c10::elementSize(in->dtype));
+      starts_[count_] = static_cast<const char*>(in->data) + (b * in->stride_b + k * in->stride_k) * element_size;
+      bytes_[count_] = p.height * p.width * element_size;
+      ++count_;
+    }
+  }
+
+  void prefetch_part(int part, int parts) const {
+    constexpr int64_t kLine = 64;
+    for (int input = 0; input < count_; ++input) {
+      const int64_t lines = (bytes_[input] + kLine - 1) / kLine;
+      for (int64_t line = lines * part / parts; line < lines * (part + 1) / parts; ++line) {
+        __builtin_prefetch(starts_[input] + line * kLine, 0, 2);
+      }
+    }
+  }
+
+ private:
+  const char* starts_[3] = {};
+  int64_t bytes_[3] = {};
+  int count_ = 0;
+};
+
 template <typename acc_t, Stencil S>
-void plane_loss(const PlaneProblem<acc_t>& p, int64_t plane, bool same_dtype, PlaneScratch<acc_t, S>& scratch) {
+void plane_loss(const PlaneProblem<acc_t>& p, int64_t plane, int64_t next_plane, bool same_dtype,
+                PlaneScratch<acc_t, S>& scratch) {
   const int64_t H = p.height, W = p.width, size = H * W;
   const int64_t b = plane / p.num_joints, k = plane % p.num_joints;
   const int64_t grad_count = gradient_count<S>(H, W);
@@ -225,13 +245,16 @@ void plane_loss(const PlaneProblem<acc_t>& p, int64_t plane, bool same_dtype, Pl
     sum_d2 = load_difference_mixed<acc_t>(p, b, k, alpha, diff);
   }
 
+  const NextPlanePrefetcher<acc_t> prefetcher(p, next_plane);
+  prefetcher.prefetch_part(0, 2);
+
   // Ax and Ay over the flattened plane; the masks zero the positions outside the valid ranges
   // (with a select, so that an Inf next to an invalid position is not turned into NaN).
   acc_t sum_map2 = 0;
 #pragma omp simd reduction(+ : sum_map2)
   for (int64_t n = 0; n < size; ++n) {
-    const acc_t ax = valid_x[n] != 0 ? apply_taps<acc_t, S, true>(diff, n, W) : acc_t(0);
-    const acc_t ay = valid_y[n] != 0 ? apply_taps<acc_t, S, false>(diff, n, W) : acc_t(0);
+    const acc_t ax = valid_x[n] != 0 ? sum_taps<acc_t, S, true, 1>(diff, n, W) : acc_t(0);
+    const acc_t ay = valid_y[n] != 0 ? sum_taps<acc_t, S, false, 1>(diff, n, W) : acc_t(0);
     map_x[n] = ax;
     map_y[n] = ay;
     sum_map2 += ax * ax + ay * ay;
@@ -240,6 +263,7 @@ void plane_loss(const PlaneProblem<acc_t>& p, int64_t plane, bool same_dtype, Pl
   const acc_t terms = value_scale * sum_d2 + map_scale * sum_map2;
   p.terms[plane] = terms;
   p.plane_losses[plane] = weight * terms;
+  prefetcher.prefetch_part(1, 2);
   if (p.grad == nullptr) return;
 
   // dL/dD = c w (2 value_scale D + 2 map_scale (Ax^T Ax D + Ay^T Ay D)), c the reduction's scale
@@ -248,7 +272,7 @@ void plane_loss(const PlaneProblem<acc_t>& p, int64_t plane, bool same_dtype, Pl
   const acc_t value_coef = 2 * value_scale * plane_scale, map_coef = 2 * map_scale * plane_scale;
 #pragma omp simd
   for (int64_t n = 0; n < size; ++n) {
-    const acc_t back = adjoint_taps<acc_t, S, true>(map_x, n, W) + adjoint_taps<acc_t, S, false>(map_y, n, W);
+    const acc_t back = sum_taps<acc_t, S, true, -1>(map_x, n, W) + sum_taps<acc_t, S, false, -1>(map_y, n, W);
     out[n] = value_coef * diff[n] + map_coef * back;
   }
 }
@@ -261,7 +285,9 @@ void run_planes(const PlaneProblem<acc_t>& problem, int64_t num_planes) {
                           (!problem.has_teacher || problem.teacher.dtype == problem.pred.dtype);
   at::parallel_for(0, num_planes, grain, [&](int64_t begin, int64_t end) {
     PlaneScratch<acc_t, S> scratch(problem.height, problem.width);
-    for (int64_t plane = begin; plane < end; ++plane) plane_loss<acc_t, S>(problem, plane, same_dtype, scratch);
+    for (int64_t plane = begin; plane < end; ++plane) {
+      plane_loss<acc_t, S>(problem, plane, plane + 1 < end ? plane + 1 : -1, same_dtype, scratch);
+    }
   });
 }
 

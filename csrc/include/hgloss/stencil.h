@@ -71,22 +71,32 @@ HGLOSS_HOST_DEVICE long long gradient_count(long long height, long long width) {
   return x_range<S>(height, width).count() + y_range<S>(height, width).count();
 }
 
-// Ax[i, j] (or Ay with Tap = y_tap) at a valid position. `plane(r, c)` reads D[r, c].
+template <Stencil S, bool IsX, int U, int V, typename Visit>
+HGLOSS_HOST_DEVICE void visit_tap(Visit& visit) {
+  constexpr double tap = IsX ? x_tap<S>(U, V) : y_tap<S>(U, V);
+  if constexpr (tap != 0.0) visit(U, V, tap);
+}
+
+// Calls visit(u, v, tap) for every nonzero tap of Ax (IsX) or Ay. Unrolled at compile time, so
+// that after inlining every offset and coefficient is a constant.
+template <Stencil S, bool IsX, typename Visit>
+HGLOSS_HOST_DEVICE void for_each_tap(Visit&& visit) {
+  visit_tap<S, IsX, -1, -1>(visit);
+  visit_tap<S, IsX, -1, 0>(visit);
+  visit_tap<S, IsX, -1, 1>(visit);
+  visit_tap<S, IsX, 0, -1>(visit);
+  visit_tap<S, IsX, 0, 0>(visit);
+  visit_tap<S, IsX, 0, 1>(visit);
+  visit_tap<S, IsX, 1, -1>(visit);
+  visit_tap<S, IsX, 1, 0>(visit);
+  visit_tap<S, IsX, 1, 1>(visit);
+}
+
+// Ax[i, j] (IsX) or Ay[i, j] at a valid position. `plane(r, c)` reads D[r, c].
 template <Stencil S, bool IsX, typename T, typename Plane>
 HGLOSS_HOST_DEVICE T apply_at(const Plane& plane, long long i, long long j) {
   T value = T(0);
-#if defined(__CUDACC__)
-#pragma unroll
-#endif
-  for (int u = -1; u <= 1; ++u) {
-#if defined(__CUDACC__)
-#pragma unroll
-#endif
-    for (int v = -1; v <= 1; ++v) {
-      const double tap = IsX ? x_tap<S>(u, v) : y_tap<S>(u, v);
-      if (tap != 0.0) value += T(tap) * plane(i + u, j + v);
-    }
-  }
+  for_each_tap<S, IsX>([&](int u, int v, double tap) { value += T(tap) * plane(i + u, j + v); });
   return value;
 }
 
@@ -94,18 +104,9 @@ HGLOSS_HOST_DEVICE T apply_at(const Plane& plane, long long i, long long j) {
 template <Stencil S, bool IsX, typename T, typename Map>
 HGLOSS_HOST_DEVICE T adjoint_at(const Map& map, const ValidRange& range, long long i, long long j) {
   T value = T(0);
-#if defined(__CUDACC__)
-#pragma unroll
-#endif
-  for (int u = -1; u <= 1; ++u) {
-#if defined(__CUDACC__)
-#pragma unroll
-#endif
-    for (int v = -1; v <= 1; ++v) {
-      const double tap = IsX ? x_tap<S>(u, v) : y_tap<S>(u, v);
-      if (tap != 0.0 && range.contains(i - u, j - v)) value += T(tap) * map(i - u, j - v);
-    }
-  }
+  for_each_tap<S, IsX>([&](int u, int v, double tap) {
+    if (range.contains(i - u, j - v)) value += T(tap) * map(i - u, j - v);
+  });
   return value;
 }
 
