@@ -187,43 +187,8 @@ struct PlaneScratch {
   acc_t* valid_y;
 };
 
-// Prefetches the next plane's inputs while the current one is computed, so that its memory reads
-// overlap this plane's arithmetic instead of following it. Only planes stored contiguously are
-// prefetched; the part-by-part split spreads the requests over the compute passes.
-template <typename acc_t>
-class NextPlanePrefetcher {
- public:
-  NextPlanePrefetcher(const PlaneProblem<acc_t>& p, int64_t next_plane) {
-    if (next_plane < 0) return;
-    const int64_t b = next_plane / p.num_joints, k = next_plane % p.num_joints;
-    for (const StridedInput* in : {&p.pred, &p.target, p.has_teacher ? &p.teacher : nullptr}) {
-      if (in == nullptr || in->stride_w != 1 || (in->stride_h != p.width && p.height != 1)) continue;
-      const int64_t element_size = static_cast<int64_t>(c10::elementSize(in->dtype));
-      starts_[count_] = static_cast<const char*>(in->data) + (b * in->stride_b + k * in->stride_k) * element_size;
-      bytes_[count_] = p.height * p.width * element_size;
-      ++count_;
-    }
-  }
-
-  void prefetch_part(int part, int parts) const {
-    constexpr int64_t kLine = 64;
-    for (int input = 0; input < count_; ++input) {
-      const int64_t lines = (bytes_[input] + kLine - 1) / kLine;
-      for (int64_t line = lines * part / parts; line < lines * (part + 1) / parts; ++line) {
-        __builtin_prefetch(starts_[input] + line * kLine, 0, 2);
-      }
-    }
-  }
-
- private:
-  const char* starts_[3] = {};
-  int64_t bytes_[3] = {};
-  int count_ = 0;
-};
-
 template <typename acc_t, Stencil S>
-void plane_loss(const PlaneProblem<acc_t>& p, int64_t plane, int64_t next_plane, bool same_dtype,
-                PlaneScratch<acc_t, S>& scratch) {
+void plane_loss(const PlaneProblem<acc_t>& p, int64_t plane, bool same_dtype, PlaneScratch<acc_t, S>& scratch) {
   const int64_t H = p.height, W = p.width, size = H * W;
   const int64_t b = plane / p.num_joints, k = plane % p.num_joints;
   const int64_t grad_count = gradient_count<S>(H, W);
@@ -245,9 +210,6 @@ void plane_loss(const PlaneProblem<acc_t>& p, int64_t plane, int64_t next_plane,
     sum_d2 = load_difference_mixed<acc_t>(p, b, k, alpha, diff);
   }
 
-  const NextPlanePrefetcher<acc_t> prefetcher(p, next_plane);
-  prefetcher.prefetch_part(0, 2);
-
   // Ax and Ay over the flattened plane; the masks zero the positions outside the valid ranges
   // (with a select, so that an Inf next to an invalid position is not turned into NaN).
   acc_t sum_map2 = 0;
@@ -263,7 +225,6 @@ void plane_loss(const PlaneProblem<acc_t>& p, int64_t plane, int64_t next_plane,
   const acc_t terms = value_scale * sum_d2 + map_scale * sum_map2;
   p.terms[plane] = terms;
   p.plane_losses[plane] = weight * terms;
-  prefetcher.prefetch_part(1, 2);
   if (p.grad == nullptr) return;
 
   // dL/dD = c w (2 value_scale D + 2 map_scale (Ax^T Ax D + Ay^T Ay D)), c the reduction's scale
@@ -285,9 +246,7 @@ void run_planes(const PlaneProblem<acc_t>& problem, int64_t num_planes) {
                           (!problem.has_teacher || problem.teacher.dtype == problem.pred.dtype);
   at::parallel_for(0, num_planes, grain, [&](int64_t begin, int64_t end) {
     PlaneScratch<acc_t, S> scratch(problem.height, problem.width);
-    for (int64_t plane = begin; plane < end; ++plane) {
-      plane_loss<acc_t, S>(problem, plane, plane + 1 < end ? plane + 1 : -1, same_dtype, scratch);
-    }
+    for (int64_t plane = begin; plane < end; ++plane) plane_loss<acc_t, S>(problem, plane, same_dtype, scratch);
   });
 }
 
