@@ -82,6 +82,18 @@ def test_deterministic_bit_identical(backend, dtype, generator):
 
 
 @pytest.mark.parametrize("backend", fused_backend_params())
+@pytest.mark.parametrize("stencil", ["forward", "central", "sobel"])
+def test_loss_does_not_depend_on_whether_a_gradient_is_computed(backend, stencil, generator):
+    pred, target, teacher, alpha, weight = inputs_in(torch.float32, (3, 17, 64, 48), generator)
+    with torch.no_grad():
+        without = hgloss.heatmap_gradient_loss(pred, target, weight, teacher=teacher, alpha=alpha, stencil=stencil, backend=backend)
+    with_grad = hgloss.heatmap_gradient_loss(
+        pred.requires_grad_(True), target, weight, teacher=teacher, alpha=alpha, stencil=stencil, backend=backend
+    )
+    assert torch.equal(without, with_grad.detach())
+
+
+@pytest.mark.parametrize("backend", fused_backend_params())
 @pytest.mark.parametrize("bad_value", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("where", ["pred", "target", "teacher"])
 def test_non_finite_inputs_propagate(backend, bad_value, where, generator):

@@ -2,8 +2,8 @@
 //
 // One thread owns one plane (b, k) at a time (at::parallel_for over the B*K planes) and stages it
 // in a private scratch the size of one plane: pass 1 builds D = P - ((1 - a) G + a S) and sums
-// D^2, pass 2 builds Ax and Ay and sums their squares, pass 3 gathers dL/dD through the adjoint.
-// At 64x48 the scratch (D, Ax, Ay and two validity masks, 63 KiB in float32) stays in L2, so per
+// D^2, pass 2 builds Ax and Ay, pass 3 sums their squares and gathers dL/dD through the adjoint.
+// At 64x48 the scratch (D, Ax and Ay, 38 KiB in float32) stays in L2, so per
 // pixel the kernel reads P, G (and S) from memory once and writes dL/dD once; T, D and the
 // gradient maps never reach a full-size tensor. Sums run in a fixed order inside each plane and
 // the plane losses are added in index order, so results are bit-identical whatever the thread
@@ -13,6 +13,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -156,51 +157,53 @@ inline acc_t sum_taps(const acc_t* x, int64_t n, int64_t width) {
 
 // One thread's staging area for a plane: D, Ax and Ay, each H*W values in row-major order with a
 // zero guard of W+1 values on both sides, so that every 3x3 tap of every position reads inside
-// the buffer and the loops run over the whole flattened plane without branches. The masks mark
-// the valid positions of Ax and Ay; positions outside them hold 0 in the map buffers, so they
-// add nothing to R nor to the adjoint.
-template <typename acc_t, Stencil S>
+// the buffer and the loops run over the whole flattened plane without branches.
+template <typename acc_t>
 struct PlaneScratch {
   PlaneScratch(int64_t height, int64_t width)
-      : size(height * width), guard(width + 1), storage(5 * static_cast<size_t>(size + 2 * guard), acc_t(0)) {
-    acc_t* base = storage.data() + guard;
+      : size(height * width), guard(width + 1), storage(3 * static_cast<size_t>(size + 2 * guard), acc_t(0)) {
     const int64_t pitch = size + 2 * guard;
-    diff = base;
-    map_x = base + pitch;
-    map_y = base + 2 * pitch;
-    valid_x = base + 3 * pitch;
-    valid_y = base + 4 * pitch;
-    const ValidRange xr = x_range<S>(height, width), yr = y_range<S>(height, width);
-    for (int64_t i = 0; i < height; ++i) {
-      for (int64_t j = 0; j < width; ++j) {
-        valid_x[i * width + j] = xr.contains(i, j) ? 1 : 0;
-        valid_y[i * width + j] = yr.contains(i, j) ? 1 : 0;
-      }
-    }
+    diff = storage.data() + guard;
+    map_x = diff + pitch;
+    map_y = diff + 2 * pitch;
   }
   int64_t size, guard;
   std::vector<acc_t> storage;
   acc_t* diff;
   acc_t* map_x;
   acc_t* map_y;
-  acc_t* valid_x;
-  acc_t* valid_y;
 };
 
+// Zeroes a gradient map outside its valid range. The flattened pass computed every position;
+// those outside the range read across row ends or into the guards and must not count.
+template <typename acc_t>
+void zero_outside(acc_t* map, const ValidRange& range, int64_t height, int64_t width) {
+  if (range.count() == 0) {
+    std::fill(map, map + height * width, acc_t(0));
+    return;
+  }
+  std::fill(map, map + range.row_begin * width, acc_t(0));
+  std::fill(map + range.row_end * width, map + height * width, acc_t(0));
+  for (int64_t i = range.row_begin; i < range.row_end; ++i) {
+    std::fill(map + i * width, map + i * width + range.col_begin, acc_t(0));
+    std::fill(map + i * width + range.col_end, map + (i + 1) * width, acc_t(0));
+  }
+}
+
 template <typename acc_t, Stencil S>
-void plane_loss(const PlaneProblem<acc_t>& p, int64_t plane, bool same_dtype, PlaneScratch<acc_t, S>& scratch) {
+void plane_loss(const PlaneProblem<acc_t>& p, int64_t plane, bool same_dtype, PlaneScratch<acc_t>& scratch) {
   const int64_t H = p.height, W = p.width, size = H * W;
   const int64_t b = plane / p.num_joints, k = plane % p.num_joints;
   const int64_t grad_count = gradient_count<S>(H, W);
   const acc_t value_scale = p.mse_weight / static_cast<acc_t>(size);
   const acc_t map_scale = grad_count > 0 ? p.grad_weight / static_cast<acc_t>(grad_count) : 0;
   const acc_t alpha = p.has_teacher ? p.alpha[b] : acc_t(0);
+  const acc_t weight = p.weight != nullptr ? p.weight[plane] : acc_t(1);
   acc_t* diff = scratch.diff;
   acc_t* map_x = scratch.map_x;
   acc_t* map_y = scratch.map_y;
-  const acc_t* valid_x = scratch.valid_x;
-  const acc_t* valid_y = scratch.valid_y;
 
+  // Pass 1: D, and sum D^2.
   acc_t sum_d2 = 0;
   if (same_dtype) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.pred.dtype, "hgloss_load_difference", [&] {
@@ -210,32 +213,37 @@ void plane_loss(const PlaneProblem<acc_t>& p, int64_t plane, bool same_dtype, Pl
     sum_d2 = load_difference_mixed<acc_t>(p, b, k, alpha, diff);
   }
 
-  // Ax and Ay over the flattened plane; the masks zero the positions outside the valid ranges
-  // (with a select, so that an Inf next to an invalid position is not turned into NaN).
-  acc_t sum_map2 = 0;
-#pragma omp simd reduction(+ : sum_map2)
+  // Pass 2: Ax and Ay at every position of the flattened plane, then 0 outside the valid ranges.
+#pragma omp simd
   for (int64_t n = 0; n < size; ++n) {
-    const acc_t ax = valid_x[n] != 0 ? sum_taps<acc_t, S, true, 1>(diff, n, W) : acc_t(0);
-    const acc_t ay = valid_y[n] != 0 ? sum_taps<acc_t, S, false, 1>(diff, n, W) : acc_t(0);
-    map_x[n] = ax;
-    map_y[n] = ay;
-    sum_map2 += ax * ax + ay * ay;
+    map_x[n] = sum_taps<acc_t, S, true, 1>(diff, n, W);
+    map_y[n] = sum_taps<acc_t, S, false, 1>(diff, n, W);
   }
-  const acc_t weight = p.weight != nullptr ? p.weight[plane] : acc_t(1);
+  zero_outside(map_x, x_range<S>(H, W), H, W);
+  zero_outside(map_y, y_range<S>(H, W), H, W);
+
+  // Pass 3: sum Ax^2 + Ay^2 and, when wanted,
+  // dL/dD = c w (2 value_scale D + 2 map_scale (Ax^T Ax D + Ay^T Ay D)), c the reduction's scale.
+  // Both forms add the squares in the same vectorised order, so the loss does not depend on
+  // whether a gradient was asked for.
+  acc_t sum_map2 = 0;
+  if (p.grad == nullptr) {
+#pragma omp simd reduction(+ : sum_map2)
+    for (int64_t n = 0; n < size; ++n) sum_map2 += map_x[n] * map_x[n] + map_y[n] * map_y[n];
+  } else {
+    acc_t* out = p.grad + plane * size;
+    const acc_t plane_scale = p.reduction_scale * weight;
+    const acc_t value_coef = 2 * value_scale * plane_scale, map_coef = 2 * map_scale * plane_scale;
+#pragma omp simd reduction(+ : sum_map2)
+    for (int64_t n = 0; n < size; ++n) {
+      sum_map2 += map_x[n] * map_x[n] + map_y[n] * map_y[n];
+      const acc_t back = sum_taps<acc_t, S, true, -1>(map_x, n, W) + sum_taps<acc_t, S, false, -1>(map_y, n, W);
+      out[n] = value_coef * diff[n] + map_coef * back;
+    }
+  }
   const acc_t terms = value_scale * sum_d2 + map_scale * sum_map2;
   p.terms[plane] = terms;
   p.plane_losses[plane] = weight * terms;
-  if (p.grad == nullptr) return;
-
-  // dL/dD = c w (2 value_scale D + 2 map_scale (Ax^T Ax D + Ay^T Ay D)), c the reduction's scale
-  acc_t* out = p.grad + plane * size;
-  const acc_t plane_scale = p.reduction_scale * weight;
-  const acc_t value_coef = 2 * value_scale * plane_scale, map_coef = 2 * map_scale * plane_scale;
-#pragma omp simd
-  for (int64_t n = 0; n < size; ++n) {
-    const acc_t back = sum_taps<acc_t, S, true, -1>(map_x, n, W) + sum_taps<acc_t, S, false, -1>(map_y, n, W);
-    out[n] = value_coef * diff[n] + map_coef * back;
-  }
 }
 
 template <typename acc_t, Stencil S>
@@ -245,7 +253,7 @@ void run_planes(const PlaneProblem<acc_t>& problem, int64_t num_planes) {
   const bool same_dtype = problem.target.dtype == problem.pred.dtype &&
                           (!problem.has_teacher || problem.teacher.dtype == problem.pred.dtype);
   at::parallel_for(0, num_planes, grain, [&](int64_t begin, int64_t end) {
-    PlaneScratch<acc_t, S> scratch(problem.height, problem.width);
+    PlaneScratch<acc_t> scratch(problem.height, problem.width);
     for (int64_t plane = begin; plane < end; ++plane) plane_loss<acc_t, S>(problem, plane, same_dtype, scratch);
   });
 }
