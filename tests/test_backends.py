@@ -132,3 +132,11 @@ print(repr(hgloss.heatmap_gradient_loss(pred, target, backend="cpu").item()))
     pred, target = torch.rand(2, 3, 8, 6, dtype=torch.float64), torch.rand(2, 3, 8, 6, dtype=torch.float64)
     expected = hgloss.heatmap_gradient_loss(pred, target, backend="cpu").item()
     assert float(result.stdout.strip().splitlines()[-1]) == expected
+
+
+def test_an_outdated_extension_is_detected(monkeypatch):
+    from hgloss.backends import _build
+
+    assert _build._has_required_operators()
+    monkeypatch.setattr(_build, "REQUIRED_OPERATORS", _build.REQUIRED_OPERATORS + ("operator_of_a_newer_version",))
+    assert not _build._has_required_operators()

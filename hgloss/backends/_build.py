@@ -24,6 +24,9 @@ def cpu_compile_flags() -> list[str]:
     quadruples their width over the baseline SSE2."""
     return ["-O3", "-std=c++17", "-fopenmp", f"-march={os.environ.get('HGLOSS_CPU_ARCH', 'native')}"]
 
+# The operators this version of the Python side registers fake kernels and autograd for.
+REQUIRED_OPERATORS = ("heatmap_loss", "scale_gradient_")
+
 _loaded: bool | None = None
 _failure: str | None = None
 
@@ -56,20 +59,36 @@ def load_extension() -> bool:
         return _loaded
     try:
         importlib.import_module("hgloss._C")
-        _loaded = True
+        _loaded = _has_required_operators()
+        if not _loaded:
+            _warn(
+                "the built hgloss._C is older than the Python package (an operator is missing); "
+                "rebuild it with `make install` or `pip install --no-build-isolation .`"
+            )
     except ImportError as import_error:
         try:
             _jit_build()
             _loaded = True
         except Exception as build_error:  # any compiler or loader failure means: fall back
             _loaded = False
-            _failure = f"import failed ({import_error}); JIT build failed ({build_error})"
-            warnings.warn(
-                f"hgloss: the C++ extension is unavailable, every call uses the reference backend: {_failure}",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+            _warn(f"import failed ({import_error}); JIT build failed ({build_error})")
     return _loaded
+
+
+def _has_required_operators() -> bool:
+    import torch
+
+    return all(hasattr(torch.ops.hgloss, name) for name in REQUIRED_OPERATORS)
+
+
+def _warn(reason: str) -> None:
+    global _failure
+    _failure = reason
+    warnings.warn(
+        f"hgloss: the C++ extension is unavailable, every call uses the reference backend: {reason}",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def failure_reason() -> str | None:
