@@ -36,7 +36,7 @@ demo: install
 	$(PY) examples/demo.py
 
 bench: install
-	$(PY) benchmarks/bench_loss.py
+	$(PY) benchmarks/bench_loss.py --batch 8,32,64,128
 
 clean:
 	rm -rf build $(VENV) *.egg-info hgloss/_C*.so
