@@ -29,8 +29,15 @@ def _fake_heatmap_loss(
     plane_shape = pred.shape[:2]
     loss = pred.new_empty(plane_shape if reduction == "none" else (), dtype=dtype)
     terms = pred.new_empty(plane_shape, dtype=dtype)
-    grad = pred.new_empty(pred.shape if compute_grad else (0,), dtype=dtype)
+    grad = pred.new_empty(pred.shape if compute_grad else (0,), dtype=saved_gradient_dtype(pred))
     return loss, terms, grad
+
+
+def saved_gradient_dtype(pred: torch.Tensor) -> torch.dtype:
+    """bfloat16 for a bfloat16 pred (its gradient's own dtype, so no float32 copy is kept);
+    otherwise the accumulation dtype. float16 keeps float32 because a loss-scaled backward
+    multiplies the saved gradient by up to 2^16, and float16 would first flush its small values."""
+    return torch.bfloat16 if pred.dtype == torch.bfloat16 else accumulation_dtype(pred)
 
 
 def _fake_scale_gradient_(grad, scale):

@@ -10,6 +10,7 @@
 // count.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -88,7 +89,8 @@ struct PlaneProblem {
   acc_t reduction_scale = 1;      // 1 / (B*K) for "mean", else 1
   acc_t* terms = nullptr;         // (B*K,) mse_weight * V + grad_weight * R
   acc_t* plane_losses = nullptr;  // (B*K,) weight * terms
-  acc_t* grad = nullptr;          // (B*K*H*W,) contiguous dL/dD, or null when not wanted
+  void* grad = nullptr;           // (B*K*H*W,) contiguous dL/dD, or null when not wanted
+  at::ScalarType grad_dtype = at::kFloat;  // acc_t's dtype, or bfloat16 for a bfloat16 pred
 };
 
 // D = P - ((1 - a) G + a S) for inputs that share one dtype, in a single pass that also returns
@@ -190,6 +192,24 @@ void zero_outside(acc_t* map, const ValidRange& range, int64_t height, int64_t w
   }
 }
 
+// Pass 3 with a gradient: returns sum Ax^2 + Ay^2 and writes
+// out = value_coef D + map_coef (Ax^T Ax D + Ay^T Ay D), converted to out_t.
+template <typename acc_t, Stencil S, typename out_t>
+acc_t gradient_pass(const PlaneScratch<acc_t>& scratch, int64_t size, int64_t width, acc_t value_coef,
+                    acc_t map_coef, out_t* out) {
+  const acc_t* diff = scratch.diff;
+  const acc_t* map_x = scratch.map_x;
+  const acc_t* map_y = scratch.map_y;
+  acc_t sum_map2 = 0;
+#pragma omp simd reduction(+ : sum_map2)
+  for (int64_t n = 0; n < size; ++n) {
+    sum_map2 += map_x[n] * map_x[n] + map_y[n] * map_y[n];
+    const acc_t back = sum_taps<acc_t, S, true, -1>(map_x, n, width) + sum_taps<acc_t, S, false, -1>(map_y, n, width);
+    out[n] = static_cast<out_t>(value_coef * diff[n] + map_coef * back);
+  }
+  return sum_map2;
+}
+
 template <typename acc_t, Stencil S>
 void plane_loss(const PlaneProblem<acc_t>& p, int64_t plane, bool same_dtype, PlaneScratch<acc_t>& scratch) {
   const int64_t H = p.height, W = p.width, size = H * W;
@@ -231,14 +251,14 @@ void plane_loss(const PlaneProblem<acc_t>& p, int64_t plane, bool same_dtype, Pl
 #pragma omp simd reduction(+ : sum_map2)
     for (int64_t n = 0; n < size; ++n) sum_map2 += map_x[n] * map_x[n] + map_y[n] * map_y[n];
   } else {
-    acc_t* out = p.grad + plane * size;
     const acc_t plane_scale = p.reduction_scale * weight;
     const acc_t value_coef = 2 * value_scale * plane_scale, map_coef = 2 * map_scale * plane_scale;
-#pragma omp simd reduction(+ : sum_map2)
-    for (int64_t n = 0; n < size; ++n) {
-      sum_map2 += map_x[n] * map_x[n] + map_y[n] * map_y[n];
-      const acc_t back = sum_taps<acc_t, S, true, -1>(map_x, n, W) + sum_taps<acc_t, S, false, -1>(map_y, n, W);
-      out[n] = value_coef * diff[n] + map_coef * back;
+    if (p.grad_dtype == at::kBFloat16) {
+      sum_map2 = gradient_pass<acc_t, S>(scratch, size, W, value_coef, map_coef,
+                                         static_cast<c10::BFloat16*>(p.grad) + plane * size);
+    } else {
+      sum_map2 = gradient_pass<acc_t, S>(scratch, size, W, value_coef, map_coef,
+                                         static_cast<acc_t*>(p.grad) + plane * size);
     }
   }
   const acc_t terms = value_scale * sum_d2 + map_scale * sum_map2;
@@ -295,7 +315,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> heatmap_loss_cpu(
   const auto acc_options = pred.options().dtype(acc_type);
   at::Tensor terms = at::empty({B, K}, acc_options);
   at::Tensor plane_losses = at::empty({B, K}, acc_options);
-  at::Tensor grad = at::empty(compute_grad ? at::IntArrayRef{B, K, H, W} : at::IntArrayRef{0}, acc_options);
+  // A bfloat16 pred gets its gradient in bfloat16, the dtype it is returned in, so no float32
+  // copy is kept. A float16 one keeps float32: a loss-scaled (GradScaler) backward multiplies
+  // it by up to 2^16, and float16 would have flushed the small values to zero before that.
+  const auto grad_type = pred.scalar_type() == at::kBFloat16 ? at::kBFloat16 : acc_type;
+  at::Tensor grad =
+      at::empty(compute_grad ? at::IntArrayRef{B, K, H, W} : at::IntArrayRef{0}, pred.options().dtype(grad_type));
   at::Tensor alpha_acc = has_teacher ? alpha->to(acc_type).contiguous() : at::Tensor();
   at::Tensor weight_acc = weight.has_value() ? weight->to(acc_type).contiguous() : at::Tensor();
 
@@ -318,7 +343,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> heatmap_loss_cpu(
       problem.reduction_scale = mean ? scalar_t(1) / static_cast<scalar_t>(B * K) : scalar_t(1);
       problem.terms = terms.data_ptr<scalar_t>();
       problem.plane_losses = plane_losses.data_ptr<scalar_t>();
-      problem.grad = compute_grad ? grad.data_ptr<scalar_t>() : nullptr;
+      problem.grad = compute_grad ? grad.data_ptr() : nullptr;
+      problem.grad_dtype = grad_type;
       switch (stencil_kind) {
         case Stencil::Forward: run_planes<scalar_t, Stencil::Forward>(problem, B * K); break;
         case Stencil::Central: run_planes<scalar_t, Stencil::Central>(problem, B * K); break;
@@ -339,16 +365,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> heatmap_loss_cpu(
   return {loss, terms, grad};
 }
 
-template <typename scalar_t>
-void scale_planes(scalar_t* data, const scalar_t* factors, bool per_plane, int64_t planes, int64_t plane_size) {
+template <typename value_t, typename factor_t>
+void scale_planes(value_t* data, const factor_t* factors, bool per_plane, int64_t planes, int64_t plane_size) {
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(plane_size, 1));
   at::parallel_for(0, planes, grain, [&](int64_t begin, int64_t end) {
     for (int64_t plane = begin; plane < end; ++plane) {
-      const scalar_t factor = factors[per_plane ? plane : 0];
-      if (factor == scalar_t(1)) continue;
-      scalar_t* values = data + plane * plane_size;
+      const factor_t factor = factors[per_plane ? plane : 0];
+      if (factor == factor_t(1)) continue;
+      value_t* values = data + plane * plane_size;
 #pragma omp simd
-      for (int64_t n = 0; n < plane_size; ++n) values[n] *= factor;
+      for (int64_t n = 0; n < plane_size; ++n) values[n] = static_cast<value_t>(static_cast<factor_t>(values[n]) * factor);
     }
   });
 }
@@ -359,10 +385,11 @@ void scale_gradient_cpu(const at::Tensor& grad, const at::Tensor& scale) {
   TORCH_CHECK_VALUE(scale.numel() == 1 || scale.numel() == planes, "hgloss: scale must hold 1 or B*K values, got ",
                     scale.numel());
   if (planes == 0) return;
-  const at::Tensor scale_acc = scale.to(grad.scalar_type()).contiguous();
-  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "hgloss_scale_gradient_cpu", [&] {
-    scale_planes<scalar_t>(grad.data_ptr<scalar_t>(), scale_acc.data_ptr<scalar_t>(), scale_acc.numel() != 1, planes,
-                           plane_size);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, grad.scalar_type(), "hgloss_scale_gradient_cpu", [&] {
+    using factor_t = at::opmath_type<scalar_t>;
+    const at::Tensor factors = scale.to(c10::CppTypeToScalarType<factor_t>::value).contiguous();
+    scale_planes<scalar_t, factor_t>(grad.data_ptr<scalar_t>(), factors.data_ptr<factor_t>(), factors.numel() != 1,
+                                     planes, plane_size);
   });
 }
 
