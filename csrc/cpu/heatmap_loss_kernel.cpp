@@ -93,9 +93,10 @@ struct PlaneProblem {
   at::ScalarType grad_dtype = at::kFloat;  // acc_t's dtype, or bfloat16 for a bfloat16 pred
 };
 
-// D = P - ((1 - a) G + a S) for inputs that share one dtype, in a single pass that also returns
-// sum D^2. Planes that are all contiguous run as one flat loop, others row by row.
-template <typename acc_t, typename in_t>
+// D = P - ((1 - a) G + a S) (D = P - G without a teacher) for inputs that share one dtype, in a
+// single pass that also returns sum D^2. Planes that are all contiguous run as one flat loop,
+// others row by row.
+template <typename acc_t, typename in_t, bool HasTeacher>
 acc_t load_difference_same_dtype(const PlaneProblem<acc_t>& p, int64_t b, int64_t k, acc_t alpha,
                                  acc_t* diff) {
   const int64_t H = p.height, W = p.width;
@@ -105,31 +106,34 @@ acc_t load_difference_same_dtype(const PlaneProblem<acc_t>& p, int64_t b, int64_
   auto is_flat = [&](const StridedInput& in) { return in.stride_w == 1 && (in.stride_h == W || H == 1); };
   const in_t* pred = plane_of(p.pred);
   const in_t* target = plane_of(p.target);
-  const in_t* teacher = p.has_teacher ? plane_of(p.teacher) : target;
-  const StridedInput& teacher_in = p.has_teacher ? p.teacher : p.target;
+  const in_t* teacher = HasTeacher ? plane_of(p.teacher) : nullptr;
   const acc_t target_scale = 1 - alpha;
+  auto difference = [&](const in_t* pred_at, const in_t* target_at, const in_t* teacher_at) {
+    if constexpr (HasTeacher) {
+      return static_cast<acc_t>(*pred_at) -
+             (target_scale * static_cast<acc_t>(*target_at) + alpha * static_cast<acc_t>(*teacher_at));
+    } else {
+      return static_cast<acc_t>(*pred_at) - static_cast<acc_t>(*target_at);
+    }
+  };
   acc_t sum_sq = 0;
-  if (is_flat(p.pred) && is_flat(p.target) && is_flat(teacher_in)) {
+  if (is_flat(p.pred) && is_flat(p.target) && (!HasTeacher || is_flat(p.teacher))) {
 #pragma omp simd reduction(+ : sum_sq)
     for (int64_t n = 0; n < H * W; ++n) {
-      const acc_t d = static_cast<acc_t>(pred[n]) - (target_scale * static_cast<acc_t>(target[n]) +
-                                                    alpha * static_cast<acc_t>(teacher[n]));
+      const acc_t d = difference(pred + n, target + n, HasTeacher ? teacher + n : nullptr);
       diff[n] = d;
       sum_sq += d * d;
     }
     return sum_sq;
   }
+  const int64_t sp = p.pred.stride_w, sg = p.target.stride_w, ss = HasTeacher ? p.teacher.stride_w : 0;
   for (int64_t i = 0; i < H; ++i) {
     const in_t* pred_row = pred + i * p.pred.stride_h;
     const in_t* target_row = target + i * p.target.stride_h;
-    const in_t* teacher_row = teacher + i * teacher_in.stride_h;
-    const int64_t sp = p.pred.stride_w, sg = p.target.stride_w, ss = teacher_in.stride_w;
-    acc_t* out = diff + i * W;
+    const in_t* teacher_row = HasTeacher ? teacher + i * p.teacher.stride_h : nullptr;
     for (int64_t j = 0; j < W; ++j) {
-      const acc_t d = static_cast<acc_t>(pred_row[j * sp]) -
-                      (target_scale * static_cast<acc_t>(target_row[j * sg]) +
-                       alpha * static_cast<acc_t>(teacher_row[j * ss]));
-      out[j] = d;
+      const acc_t d = difference(pred_row + j * sp, target_row + j * sg, HasTeacher ? teacher_row + j * ss : nullptr);
+      diff[i * W + j] = d;
       sum_sq += d * d;
     }
   }
@@ -227,7 +231,8 @@ void plane_loss(const PlaneProblem<acc_t>& p, int64_t plane, bool same_dtype, Pl
   acc_t sum_d2 = 0;
   if (same_dtype) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.pred.dtype, "hgloss_load_difference", [&] {
-      sum_d2 = load_difference_same_dtype<acc_t, scalar_t>(p, b, k, alpha, diff);
+      sum_d2 = p.has_teacher ? load_difference_same_dtype<acc_t, scalar_t, true>(p, b, k, alpha, diff)
+                             : load_difference_same_dtype<acc_t, scalar_t, false>(p, b, k, alpha, diff);
     });
   } else {
     sum_d2 = load_difference_mixed<acc_t>(p, b, k, alpha, diff);
