@@ -20,18 +20,18 @@ BACKENDS = ("cuda", "triton", "cpu", "reference")
 _FUSED_BACKENDS = {"cpu": ops.fused_heatmap_loss}
 
 
-def _backend_devices(name: str) -> tuple[str, ...]:
-    """The device types a backend computes on; empty when it is not available here."""
+def _runs_on(name: str, device_type: str | None) -> bool:
+    """Whether backend `name` is available here for tensors of `device_type` (None: any device)."""
     if name == "reference":
-        return ("cpu", "cuda")
-    if name == "cpu" and ops.HAS_EXTENSION:
-        return ("cpu",)
-    return ()
+        return True
+    if name == "cpu":
+        return ops.HAS_EXTENSION and device_type in (None, "cpu")
+    return False
 
 
 def available_backends() -> list[str]:
     """The backends usable in this process, fastest first, e.g. ["cpu", "reference"]."""
-    return [name for name in BACKENDS if _backend_devices(name)]
+    return [name for name in BACKENDS if _runs_on(name, None)]
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -43,13 +43,11 @@ def resolve_backend(backend: str, device: torch.device) -> str:
                 f"HGLOSS_BACKEND={backend!r} is not a backend; expected one of {list(BACKENDS)} or 'auto'"
             )
     if backend == "auto":
-        for name in BACKENDS:
-            if device.type in _backend_devices(name):
-                return name
+        return next(name for name in BACKENDS if _runs_on(name, device.type))
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected 'auto' or one of {list(BACKENDS)}")
-    if device.type not in _backend_devices(backend):
-        usable = [name for name in BACKENDS if device.type in _backend_devices(name)]
+    if not _runs_on(backend, device.type):
+        usable = [name for name in BACKENDS if _runs_on(name, device.type)]
         raise RuntimeError(
             f"backend {backend!r} is not available for {device.type} tensors; "
             f"available here: {usable}"
@@ -169,6 +167,10 @@ def heatmap_gradient_loss(
 
     Returns:
         The loss, float64 for a float64 pred and float32 otherwise.
+
+    The fused backends compute dL/dpred in the forward pass whenever pred (or target, or
+    teacher) requires grad and grad mode is on, and the backward only scales it. Evaluate
+    validation losses under ``torch.no_grad()`` so they skip that work and its buffer.
 
     Example::
 
