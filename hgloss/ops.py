@@ -8,7 +8,8 @@ usual `loss.backward()`). A forward+backward therefore allocates one heatmap-siz
 that buffer becomes dL/dpred.
 
 A second backward through the same graph (retain_graph=True, as gradcheck does) finds the saved
-buffer consumed and recomputes it with one more forward pass. When the backward is traced
+buffer consumed and recomputes it with one more forward pass, as does a backward of an op run
+with compute_grad=False. When the backward is traced
 (torch.compile, AOTAutograd), the scaling is a plain functional multiply instead, since a traced
 graph must not mutate a saved forward output. Double backward raises a clear error.
 """
@@ -66,7 +67,9 @@ def _grad_diff(ctx, grad, upstream, inputs):
     mse_weight, grad_weight, stencil, reduction = ctx.settings
     if _is_traced(grad):
         return grad * (upstream[:, :, None, None] if reduction == "none" else upstream)
-    if ctx.gradient_consumed:
+    if ctx.gradient_consumed or grad.shape != inputs[0].shape:
+        # Consumed by an earlier backward, or never computed (the op was called with
+        # compute_grad=False): one more forward pass.
         _, _, grad = torch.ops.hgloss.heatmap_loss(*inputs, mse_weight, grad_weight, stencil, reduction, True)
     ctx.gradient_consumed = True
     torch.ops.hgloss.scale_gradient_(grad, upstream)
@@ -86,10 +89,10 @@ def _backward(ctx, grad_loss, _grad_of_terms, _grad_of_saved_gradient):
         return (None,) * 10
     upstream = grad_loss.to(terms.dtype)
 
-    grad_weight = None
+    grad_of_weight = None
     if needs_weight:
         plane_upstream = upstream / max(terms.numel(), 1) if reduction == "mean" else upstream
-        grad_weight = (plane_upstream * terms).to(weight.dtype)
+        grad_of_weight = (plane_upstream * terms).to(weight.dtype)
 
     grad_pred = grad_target = grad_teacher = None
     if needs_pred or needs_target or needs_teacher:
@@ -101,7 +104,7 @@ def _backward(ctx, grad_loss, _grad_of_terms, _grad_of_saved_gradient):
             grad_target = (grad_diff * target_scale).to(target.dtype)
         if needs_pred:
             grad_pred = grad_diff.to(pred.dtype)
-    return grad_pred, grad_target, grad_teacher, None, grad_weight, None, None, None, None, None
+    return grad_pred, grad_target, grad_teacher, None, grad_of_weight, None, None, None, None, None
 
 
 if HAS_EXTENSION:

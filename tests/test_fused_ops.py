@@ -179,6 +179,18 @@ def test_repeated_backward_through_retained_graph(backend, reduction, generator)
 
 
 @pytest.mark.parametrize("backend", fused_backend_params())
+def test_backward_of_an_op_run_without_compute_grad(backend, generator):
+    pred = heatmaps((2, 3, 6, 5), generator=generator).requires_grad_(True)
+    target = heatmaps((2, 3, 6, 5), generator=generator)
+    loss, _, saved = torch.ops.hgloss.heatmap_loss(pred, target, None, None, None, 1.0, 1.0, "sobel", "sum", False)
+    assert saved.numel() == 0
+    (grad,) = torch.autograd.grad(3 * loss, pred)
+    ref = hgloss.heatmap_gradient_loss(pred, target, stencil="sobel", reduction="sum", backend="reference")
+    (ref_grad,) = torch.autograd.grad(3 * ref, pred)
+    assert grad_error(grad, ref_grad) <= 1e-12
+
+
+@pytest.mark.parametrize("backend", fused_backend_params())
 def test_torch_compile_fullgraph_matches_eager(backend, generator):
     torch._dynamo.reset()
     shape = (4, 17, 16, 12)
