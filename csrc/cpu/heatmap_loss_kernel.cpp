@@ -32,14 +32,18 @@ struct StridedInput {
   static StridedInput of(const at::Tensor& t) {
     return {t.data_ptr(), t.scalar_type(), t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
   }
+
+  // Whether each H x W plane is one contiguous run of elements.
+  bool plane_is_flat(int64_t height, int64_t width) const {
+    return stride_w == 1 && (stride_h == width || height == 1);
+  }
 };
 
 // out[i * W + j] (+)= scale * plane[i, j], converting from the input dtype. A plane stored
 // contiguously is one long vectorisable loop; any other layout goes row by row.
 template <typename acc_t, typename in_t>
-void scaled_plane_typed(const in_t* plane, int64_t stride_h, int64_t stride_w, int64_t height,
+void scaled_plane_typed(const in_t* plane, int64_t stride_h, int64_t stride_w, bool contiguous, int64_t height,
                         int64_t width, acc_t scale, bool accumulate, acc_t* out) {
-  const bool contiguous = stride_w == 1 && (stride_h == width || height == 1);
   const int64_t rows = contiguous ? 1 : height;
   const int64_t cols = contiguous ? height * width : width;
   for (int64_t i = 0; i < rows; ++i) {
@@ -65,8 +69,8 @@ void scaled_plane(const StridedInput& in, int64_t b, int64_t k, int64_t height, 
                   acc_t scale, bool accumulate, acc_t* out) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.dtype, "hgloss_load_plane", [&] {
     const scalar_t* plane = static_cast<const scalar_t*>(in.data) + b * in.stride_b + k * in.stride_k;
-    scaled_plane_typed<acc_t, scalar_t>(plane, in.stride_h, in.stride_w, height, width, scale,
-                                        accumulate, out);
+    scaled_plane_typed<acc_t, scalar_t>(plane, in.stride_h, in.stride_w, in.plane_is_flat(height, width), height,
+                                        width, scale, accumulate, out);
   });
 }
 
@@ -103,7 +107,6 @@ acc_t load_difference_same_dtype(const PlaneProblem<acc_t>& p, int64_t b, int64_
   auto plane_of = [&](const StridedInput& in) {
     return static_cast<const in_t*>(in.data) + b * in.stride_b + k * in.stride_k;
   };
-  auto is_flat = [&](const StridedInput& in) { return in.stride_w == 1 && (in.stride_h == W || H == 1); };
   const in_t* pred = plane_of(p.pred);
   const in_t* target = plane_of(p.target);
   const in_t* teacher = HasTeacher ? plane_of(p.teacher) : nullptr;
@@ -117,7 +120,7 @@ acc_t load_difference_same_dtype(const PlaneProblem<acc_t>& p, int64_t b, int64_
     }
   };
   acc_t sum_sq = 0;
-  if (is_flat(p.pred) && is_flat(p.target) && (!HasTeacher || is_flat(p.teacher))) {
+  if (p.pred.plane_is_flat(H, W) && p.target.plane_is_flat(H, W) && (!HasTeacher || p.teacher.plane_is_flat(H, W))) {
 #pragma omp simd reduction(+ : sum_sq)
     for (int64_t n = 0; n < H * W; ++n) {
       const acc_t d = difference(pred + n, target + n, HasTeacher ? teacher + n : nullptr);
