@@ -4,6 +4,7 @@ Every check of SPEC section 2 lives here and runs before any kernel; the backend
 input.
 """
 
+import importlib.util
 import math
 import os
 from numbers import Real
@@ -17,7 +18,28 @@ STENCILS = ("forward", "central", "sobel")
 REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("cuda", "triton", "cpu", "reference")
 
-_FUSED_BACKENDS = {"cpu": ops.fused_heatmap_loss}
+
+def _load_triton_backend():
+    """hgloss.backends.triton where Triton can run: a CUDA device, or the Triton interpreter
+    (TRITON_INTERPRET=1, read when triton compiles the kernels) on CPU tensors. None elsewhere,
+    which also spares CPU-only processes importing triton."""
+    if importlib.util.find_spec("triton") is None:
+        return None
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0").lower() in ("", "0", "false", "off"):
+        return None
+    from .backends import triton as triton_backend
+
+    return triton_backend
+
+
+_triton = _load_triton_backend()
+
+# The operators of the fused backends, all with the schema of hgloss::heatmap_loss.
+_FUSED_OPS = {}
+if ops.HAS_EXTENSION:
+    _FUSED_OPS["cpu"] = torch.ops.hgloss.heatmap_loss
+if _triton is not None:
+    _FUSED_OPS["triton"] = torch.ops.hgloss.triton_heatmap_loss
 
 
 def _runs_on(name: str, device_type: str | None) -> bool:
@@ -26,7 +48,20 @@ def _runs_on(name: str, device_type: str | None) -> bool:
         return True
     if name == "cpu":
         return ops.HAS_EXTENSION and device_type in (None, "cpu")
+    if name == "triton" and _triton is not None:
+        on_cuda = torch.cuda.is_available() and device_type in (None, "cuda")
+        return on_cuda or (_triton.INTERPRETING and device_type in (None, "cpu"))
     return False
+
+
+def _why_unavailable(backend: str) -> str:
+    if backend == "cpu" and not ops.HAS_EXTENSION:
+        return " (the C++ extension did not load)"
+    if backend == "triton":
+        if importlib.util.find_spec("triton") is None:
+            return " (triton is not installed)"
+        return " (Triton runs on CUDA tensors, and on CPU tensors only under the interpreter, TRITON_INTERPRET=1)"
+    return ""
 
 
 def available_backends() -> list[str]:
@@ -43,15 +78,19 @@ def resolve_backend(backend: str, device: torch.device) -> str:
                 f"HGLOSS_BACKEND={backend!r} is not a backend; expected one of {list(BACKENDS)} or 'auto'"
             )
     if backend == "auto":
-        return next(name for name in BACKENDS if _runs_on(name, device.type))
+        # The interpreter exists for testing Triton kernels; it is never a default for CPU tensors.
+        return next(
+            name
+            for name in BACKENDS
+            if _runs_on(name, device.type) and not (name == "triton" and device.type == "cpu")
+        )
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected 'auto' or one of {list(BACKENDS)}")
     if not _runs_on(backend, device.type):
         usable = [name for name in BACKENDS if _runs_on(name, device.type)]
         raise RuntimeError(
             f"backend {backend!r} is not available for {device.type} tensors; "
-            f"available here: {usable}"
-            + ("" if ops.HAS_EXTENSION or backend != "cpu" else " (the C++ extension did not load)")
+            f"available here: {usable}" + _why_unavailable(backend)
         )
     return backend
 
@@ -190,8 +229,9 @@ def heatmap_gradient_loss(
             blend = torch.full((pred.shape[0],), float(alpha), dtype=dtype, device=pred.device)
 
     plane_weight = None if target_weight is None else target_weight.reshape(pred.shape[:2])
-    if backend in _FUSED_BACKENDS:
-        return _FUSED_BACKENDS[backend](
+    if backend in _FUSED_OPS:
+        return ops.fused_heatmap_loss(
+            _FUSED_OPS[backend],
             pred, target, teacher, blend, plane_weight, mse_weight, grad_weight, stencil, reduction
         )
     terms = reference.plane_terms(pred, target, teacher, blend, mse_weight, grad_weight, stencil)

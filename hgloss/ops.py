@@ -1,10 +1,11 @@
 """Custom-operator glue for the fused backends: fake implementations and autograd.
 
-The schema and the kernels are C++ (csrc/). `hgloss::heatmap_loss` returns the reduced loss, the
-per-plane terms and, when asked, dL/dD for an upstream gradient of 1, all from one pass. The
-backward only scales that saved gradient by the upstream gradient, in place
-(`hgloss::scale_gradient_`, which leaves planes whose factor is exactly 1 untouched, as after the
-usual `loss.backward()`). A forward+backward therefore allocates one heatmap-sized buffer, and
+The C++ backends' schema and kernels are in csrc/; the Triton backend defines an operator with
+the same schema, hgloss::triton_heatmap_loss (hgloss/backends/triton.py). `hgloss::heatmap_loss`
+returns the reduced loss, the per-plane terms and, when asked, dL/dD for an upstream gradient of
+1, all from one pass. The backward only scales that saved gradient by the upstream gradient, in
+place (`hgloss::scale_gradient_`, which leaves planes whose factor is exactly 1 untouched, as
+after the usual `loss.backward()`). A forward+backward therefore allocates one heatmap-sized buffer, and
 that buffer becomes dL/dpred.
 
 A second backward through the same graph (retain_graph=True, as gradcheck does) finds the saved
@@ -23,7 +24,7 @@ from .backends.reference import accumulation_dtype
 HAS_EXTENSION = load_extension()
 
 
-def _fake_heatmap_loss(
+def fake_heatmap_loss(
     pred, target, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction, compute_grad
 ):
     dtype = accumulation_dtype(pred)
@@ -45,16 +46,25 @@ def _fake_scale_gradient_(grad, scale):
     return None
 
 
-def _setup_context(ctx, inputs, output):
-    pred, target, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction, _ = inputs
-    _, terms, grad = output
-    ctx.save_for_backward(grad, terms, pred, target, teacher, alpha, weight)
-    ctx.settings = (mse_weight, grad_weight, stencil, reduction)
-    ctx.gradient_consumed = False
-    # terms and grad exist for the backward only: no gradient flows through them, and none is
-    # materialised for them (one is heatmap-sized).
-    ctx.mark_non_differentiable(terms, grad)
-    ctx.set_materialize_grads(False)
+def register_fused_autograd(name: str, op, scale_gradient_) -> None:
+    """The autograd of a fused operator with the schema of hgloss::heatmap_loss. `op` recomputes
+    the forward when needed; `scale_gradient_(grad, scale)` multiplies a saved dL/dD in place by
+    the upstream gradient (one factor, or one per plane)."""
+
+    def setup_context(ctx, inputs, output):
+        pred, target, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction, _ = inputs
+        _, terms, grad = output
+        ctx.save_for_backward(grad, terms, pred, target, teacher, alpha, weight)
+        ctx.settings = (mse_weight, grad_weight, stencil, reduction)
+        ctx.fused_op = op
+        ctx.scale_gradient_ = scale_gradient_
+        ctx.gradient_consumed = False
+        # terms and grad exist for the backward only: no gradient flows through them, and none
+        # is materialised for them (one is heatmap-sized).
+        ctx.mark_non_differentiable(terms, grad)
+        ctx.set_materialize_grads(False)
+
+    torch.library.register_autograd(name, _backward, setup_context=setup_context)
 
 
 def _is_traced(tensor: torch.Tensor) -> bool:
@@ -70,9 +80,9 @@ def _grad_diff(ctx, grad, upstream, inputs):
     if ctx.gradient_consumed or grad.shape != inputs[0].shape:
         # Consumed by an earlier backward, or never computed (the op was called with
         # compute_grad=False): one more forward pass.
-        _, _, grad = torch.ops.hgloss.heatmap_loss(*inputs, mse_weight, grad_weight, stencil, reduction, True)
+        _, _, grad = ctx.fused_op(*inputs, mse_weight, grad_weight, stencil, reduction, True)
     ctx.gradient_consumed = True
-    torch.ops.hgloss.scale_gradient_(grad, upstream)
+    ctx.scale_gradient_(grad, upstream)
     return grad
 
 
@@ -108,17 +118,18 @@ def _backward(ctx, grad_loss, _grad_of_terms, _grad_of_saved_gradient):
 
 
 if HAS_EXTENSION:
-    torch.library.register_fake("hgloss::heatmap_loss")(_fake_heatmap_loss)
+    torch.library.register_fake("hgloss::heatmap_loss")(fake_heatmap_loss)
     torch.library.register_fake("hgloss::scale_gradient_")(_fake_scale_gradient_)
-    torch.library.register_autograd("hgloss::heatmap_loss", _backward, setup_context=_setup_context)
+    register_fused_autograd("hgloss::heatmap_loss", torch.ops.hgloss.heatmap_loss, torch.ops.hgloss.scale_gradient_)
 
 
-def fused_heatmap_loss(pred, target, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction):
-    """The loss from the operator of the device's fused kernel. `weight` is (B, K) or None."""
+def fused_heatmap_loss(op, pred, target, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction):
+    """The loss from a fused operator (`op`, with the schema of hgloss::heatmap_loss). `weight` is
+    (B, K) or None."""
     compute_grad = torch.is_grad_enabled() and any(
         tensor is not None and tensor.requires_grad for tensor in (pred, target, teacher)
     )
-    loss, _, _ = torch.ops.hgloss.heatmap_loss(
+    loss, _, _ = op(
         pred, target, teacher, alpha, weight, float(mse_weight), float(grad_weight), stencil, reduction, compute_grad
     )
     return loss

@@ -1,26 +1,53 @@
-"""Shared helpers: input factories, the SPEC accuracy measures, and the fused backends to test."""
+"""Shared helpers: input factories, the SPEC accuracy measures, and the fused backends to test.
+
+Without a GPU the Triton kernels run under the Triton interpreter on CPU tensors. It is switched
+on here, before hgloss (and so triton.jit) sees the kernels; TRITON_INTERPRET=0 in the
+environment turns it off.
+"""
+
+import os
 
 import pytest
 import torch
 
-import hgloss
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import hgloss  # noqa: E402
 
 # Fused backends and the device each computes on. Every one is tested against "reference".
-FUSED_DEVICES = {"cpu": "cpu"}
+FUSED_DEVICES = {
+    "cpu": "cpu",
+    "triton": "cuda" if torch.cuda.is_available() else "cpu",
+}
 
 
 def fused_backend_params():
     """pytest params for every fused backend, skipped with the reason when it is unavailable."""
+    from hgloss import functional
+    from hgloss.backends import _build
+
     params = []
     available = hgloss.available_backends()
-    for name, device in FUSED_DEVICES.items():
+    for name in FUSED_DEVICES:
         marks = []
         if name not in available:
-            from hgloss.backends import _build
-
-            marks.append(pytest.mark.skip(reason=f"backend {name!r} unavailable: {_build.failure_reason()}"))
+            reason = _build.failure_reason() if name == "cpu" else functional._why_unavailable(name).strip(" ()")
+            marks.append(pytest.mark.skip(reason=f"backend {name!r} unavailable: {reason}"))
         params.append(pytest.param(name, id=name, marks=marks))
     return params
+
+
+def interpreted(backend: str) -> bool:
+    """Whether the backend's kernels run under the Triton interpreter (CPU tensors, slow)."""
+    return backend == "triton" and FUSED_DEVICES[backend] == "cpu"
+
+
+def fused_op(backend: str):
+    """The custom operator behind a fused backend (schema of hgloss::heatmap_loss)."""
+    from hgloss import functional
+
+    return functional._FUSED_OPS[backend]
 
 
 def loss_error(out: torch.Tensor, ref: torch.Tensor) -> float:

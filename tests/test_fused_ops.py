@@ -7,18 +7,18 @@ import torch
 import hgloss
 from hgloss.backends import reference
 
-from conftest import fused_backend_params, grad_error, heatmaps, loss_error
+from conftest import FUSED_DEVICES, fused_backend_params, fused_op, grad_error, heatmaps, interpreted, loss_error
 
 # SPEC section 1: accuracy against a float64 evaluation of the formulas on the upcast inputs.
 TOLERANCES = {torch.float64: 1e-5, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
-def inputs_in(dtype, shape, generator):
-    pred = heatmaps(shape, generator=generator).to(dtype)
-    target = heatmaps(shape, generator=generator).to(dtype)
-    teacher = heatmaps(shape, generator=generator).to(dtype)
-    alpha = torch.rand(shape[0], generator=generator, dtype=torch.float64)
-    weight = torch.rand(shape[:2] + (1,), generator=generator).to(dtype)
+def inputs_in(dtype, shape, generator, device="cpu"):
+    pred = heatmaps(shape, generator=generator).to(device, dtype)
+    target = heatmaps(shape, generator=generator).to(device, dtype)
+    teacher = heatmaps(shape, generator=generator).to(device, dtype)
+    alpha = torch.rand(shape[0], generator=generator, dtype=torch.float64).to(device)
+    weight = torch.rand(shape[:2] + (1,), generator=generator).to(device, dtype)
     return pred, target, teacher, alpha, weight
 
 
@@ -27,7 +27,7 @@ def inputs_in(dtype, shape, generator):
 @pytest.mark.parametrize("stencil", ["forward", "central", "sobel"])
 def test_accuracy_per_dtype(backend, dtype, stencil, generator):
     shape = (4, 17, 64, 48)
-    pred, target, teacher, alpha, weight = inputs_in(dtype, shape, generator)
+    pred, target, teacher, alpha, weight = inputs_in(dtype, shape, generator, FUSED_DEVICES[backend])
     pred.requires_grad_(True)
     # "sum" keeps the float16 gradient in its normal range; the mean's 1/(B*K*H*W) scale would
     # push it into float16's subnormals, where no implementation meets 2e-3.
@@ -53,7 +53,7 @@ def test_bfloat16_and_float16_inputs_are_not_rounded_before_the_sums(backend, ge
     """A loss on half inputs equals the loss on the same values held in float32, exactly up to
     float32 rounding: the kernel upcasts on load and accumulates in float32."""
     for dtype in (torch.float16, torch.bfloat16):
-        pred, target, teacher, alpha, weight = inputs_in(dtype, (2, 5, 32, 24), generator)
+        pred, target, teacher, alpha, weight = inputs_in(dtype, (2, 5, 32, 24), generator, FUSED_DEVICES[backend])
         half = hgloss.heatmap_gradient_loss(pred, target, weight, teacher=teacher, alpha=alpha, backend=backend)
         single = hgloss.heatmap_gradient_loss(
             pred.float(), target.float(), weight.float(), teacher=teacher.float(), alpha=alpha, backend=backend
@@ -64,7 +64,7 @@ def test_bfloat16_and_float16_inputs_are_not_rounded_before_the_sums(backend, ge
 @pytest.mark.parametrize("backend", fused_backend_params())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_deterministic_bit_identical(backend, dtype, generator):
-    pred, target, teacher, alpha, weight = inputs_in(dtype, (16, 17, 64, 48), generator)
+    pred, target, teacher, alpha, weight = inputs_in(dtype, (16, 17, 64, 48), generator, FUSED_DEVICES[backend])
     results = []
     for threads in (1, torch.get_num_threads(), 1, torch.get_num_threads()):
         previous = torch.get_num_threads()
@@ -84,7 +84,7 @@ def test_deterministic_bit_identical(backend, dtype, generator):
 @pytest.mark.parametrize("backend", fused_backend_params())
 @pytest.mark.parametrize("stencil", ["forward", "central", "sobel"])
 def test_loss_does_not_depend_on_whether_a_gradient_is_computed(backend, stencil, generator):
-    pred, target, teacher, alpha, weight = inputs_in(torch.float32, (3, 17, 64, 48), generator)
+    pred, target, teacher, alpha, weight = inputs_in(torch.float32, (3, 17, 64, 48), generator, FUSED_DEVICES[backend])
     with torch.no_grad():
         without = hgloss.heatmap_gradient_loss(pred, target, weight, teacher=teacher, alpha=alpha, stencil=stencil, backend=backend)
     with_grad = hgloss.heatmap_gradient_loss(
@@ -97,7 +97,7 @@ def test_loss_does_not_depend_on_whether_a_gradient_is_computed(backend, stencil
 @pytest.mark.parametrize("bad_value", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("where", ["pred", "target", "teacher", "target-without-teacher"])
 def test_non_finite_inputs_propagate(backend, bad_value, where, generator):
-    pred, target, teacher, alpha, weight = inputs_in(torch.float32, (2, 3, 8, 6), generator)
+    pred, target, teacher, alpha, weight = inputs_in(torch.float32, (2, 3, 8, 6), generator, FUSED_DEVICES[backend])
     tensors = {"pred": pred, "target": target, "teacher": teacher, "target-without-teacher": target}
     tensors[where][1, 2, 0, 5] = bad_value
     if where == "target-without-teacher":
@@ -111,8 +111,8 @@ def test_non_finite_inputs_propagate(backend, bad_value, where, generator):
     assert torch.equal(torch.isnan(losses), torch.isnan(ref))
 
 
-def op_samples(device="cpu"):
-    """Argument tuples for torch.ops.hgloss.heatmap_loss covering its optional inputs."""
+def op_samples(device):
+    """Argument tuples for a fused operator covering its optional inputs."""
     generator = torch.Generator().manual_seed(7)
     samples = []
     for teacher in (False, True):
@@ -130,33 +130,35 @@ def op_samples(device="cpu"):
 
 @pytest.mark.parametrize("backend", fused_backend_params())
 def test_opcheck(backend):
-    for args in op_samples():
-        torch.library.opcheck(torch.ops.hgloss.heatmap_loss.default, args)
+    for args in op_samples(FUSED_DEVICES[backend]):
+        torch.library.opcheck(fused_op(backend).default, args)
 
 
 @pytest.mark.parametrize("backend", fused_backend_params())
 @pytest.mark.parametrize("stencil", ["forward", "central", "sobel"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_gradcheck(backend, stencil, reduction, generator):
-    shape = (2, 3, 5, 4)
-    pred = heatmaps(shape, generator=generator).requires_grad_(True)
-    target = heatmaps(shape, generator=generator).requires_grad_(True)
-    teacher = heatmaps(shape, generator=generator).requires_grad_(True)
-    weight = torch.rand(2, 3, 1, dtype=torch.float64, generator=generator).requires_grad_(True)
-    alpha = torch.rand(2, dtype=torch.float64, generator=generator)
+    shape, device = (2, 3, 5, 4), FUSED_DEVICES[backend]
+    pred = heatmaps(shape, device=device, generator=generator).requires_grad_(True)
+    target = heatmaps(shape, device=device, generator=generator).requires_grad_(True)
+    teacher = heatmaps(shape, device=device, generator=generator).requires_grad_(True)
+    weight = torch.rand(2, 3, 1, dtype=torch.float64, generator=generator).to(device).requires_grad_(True)
+    alpha = torch.rand(2, dtype=torch.float64, generator=generator).to(device)
 
     def loss(p, t, s, w):
         return hgloss.heatmap_gradient_loss(
             p, t, w, teacher=s, alpha=alpha, stencil=stencil, reduction=reduction, backend=backend, grad_weight=1.5
         )
 
-    assert torch.autograd.gradcheck(loss, (pred, target, teacher, weight))
+    # The interpreter needs ~0.1 s a call, too slow for the ~700 calls of a full check; fast mode
+    # checks random projections of the same Jacobians.
+    assert torch.autograd.gradcheck(loss, (pred, target, teacher, weight), fast_mode=interpreted(backend))
 
 
 @pytest.mark.parametrize("backend", fused_backend_params())
 def test_double_backward_raises(backend, generator):
-    pred = heatmaps((2, 3, 6, 5), generator=generator).requires_grad_(True)
-    target = heatmaps((2, 3, 6, 5), generator=generator)
+    pred = heatmaps((2, 3, 6, 5), device=FUSED_DEVICES[backend], generator=generator).requires_grad_(True)
+    target = heatmaps((2, 3, 6, 5), device=FUSED_DEVICES[backend], generator=generator)
     loss = hgloss.heatmap_gradient_loss(pred, target, backend=backend)
     # The graph of the gradient would be wrong, so asking for one is refused at once.
     with pytest.raises(RuntimeError, match="double backward is not supported"):
@@ -167,8 +169,8 @@ def test_double_backward_raises(backend, generator):
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_repeated_backward_through_retained_graph(backend, reduction, generator):
     """The first backward consumes the saved gradient in place; later ones must still be right."""
-    pred = heatmaps((2, 3, 6, 5), generator=generator).requires_grad_(True)
-    target = heatmaps((2, 3, 6, 5), generator=generator)
+    pred = heatmaps((2, 3, 6, 5), device=FUSED_DEVICES[backend], generator=generator).requires_grad_(True)
+    target = heatmaps((2, 3, 6, 5), device=FUSED_DEVICES[backend], generator=generator)
     loss = hgloss.heatmap_gradient_loss(pred, target, backend=backend, reduction=reduction, stencil="sobel")
     ref = hgloss.heatmap_gradient_loss(pred, target, backend="reference", reduction=reduction, stencil="sobel")
     for factor in (1.0, -2.5, 0.25):
@@ -180,9 +182,9 @@ def test_repeated_backward_through_retained_graph(backend, reduction, generator)
 
 @pytest.mark.parametrize("backend", fused_backend_params())
 def test_backward_of_an_op_run_without_compute_grad(backend, generator):
-    pred = heatmaps((2, 3, 6, 5), generator=generator).requires_grad_(True)
-    target = heatmaps((2, 3, 6, 5), generator=generator)
-    loss, _, saved = torch.ops.hgloss.heatmap_loss(pred, target, None, None, None, 1.0, 1.0, "sobel", "sum", False)
+    pred = heatmaps((2, 3, 6, 5), device=FUSED_DEVICES[backend], generator=generator).requires_grad_(True)
+    target = heatmaps((2, 3, 6, 5), device=FUSED_DEVICES[backend], generator=generator)
+    loss, _, saved = fused_op(backend)(pred, target, None, None, None, 1.0, 1.0, "sobel", "sum", False)
     assert saved.numel() == 0
     (grad,) = torch.autograd.grad(3 * loss, pred)
     ref = hgloss.heatmap_gradient_loss(pred, target, stencil="sobel", reduction="sum", backend="reference")
@@ -193,11 +195,11 @@ def test_backward_of_an_op_run_without_compute_grad(backend, generator):
 @pytest.mark.parametrize("backend", fused_backend_params())
 def test_torch_compile_fullgraph_matches_eager(backend, generator):
     torch._dynamo.reset()
-    shape = (4, 17, 16, 12)
-    pred = heatmaps(shape, torch.float32, generator=generator)
-    target = heatmaps(shape, torch.float32, generator=generator)
-    teacher = heatmaps(shape, torch.float32, generator=generator)
-    weight = torch.rand(4, 17, 1, generator=generator)
+    shape, device = (4, 17, 16, 12), FUSED_DEVICES[backend]
+    pred = heatmaps(shape, torch.float32, device, generator)
+    target = heatmaps(shape, torch.float32, device, generator)
+    teacher = heatmaps(shape, torch.float32, device, generator)
+    weight = torch.rand(4, 17, 1, generator=generator).to(device)
 
     def step(p):
         loss = hgloss.heatmap_gradient_loss(
@@ -216,9 +218,17 @@ def test_torch_compile_fullgraph_matches_eager(backend, generator):
     assert grad_error(compiled_pred.grad, eager_pred.grad) <= 1e-6
 
 
-def peak_extra_bytes(fn) -> int:
-    """The peak of CPU allocator bytes live during fn(), above those live when it starts, from the
-    allocation and free events the torch profiler records."""
+def peak_extra_bytes(fn, device) -> int:
+    """The peak of allocator bytes live during fn(), above those live when it starts: CUDA's
+    allocator statistics on a GPU; on CPU, the allocation and free events the torch profiler
+    records."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
@@ -239,11 +249,11 @@ def peak_extra_bytes(fn) -> int:
 )
 def test_forward_backward_allocates_one_heatmap(backend, dtype, heatmaps_allowed, generator):
     """SPEC section 4: beyond the gradient itself only O(B*K) memory."""
-    shape = (16, 17, 64, 48)
-    pred = heatmaps(shape, dtype, generator=generator).requires_grad_(True)
-    target = heatmaps(shape, dtype, generator=generator)
-    teacher = heatmaps(shape, dtype, generator=generator)
-    weight = torch.rand(16, 17, 1, generator=generator)
+    shape, device = (16, 17, 64, 48), FUSED_DEVICES[backend]
+    pred = heatmaps(shape, dtype, device, generator).requires_grad_(True)
+    target = heatmaps(shape, dtype, device, generator)
+    teacher = heatmaps(shape, dtype, device, generator)
+    weight = torch.rand(16, 17, 1, generator=generator).to(device)
 
     def step():
         hgloss.heatmap_gradient_loss(pred, target, weight, teacher=teacher, backend=backend).backward()
@@ -251,9 +261,10 @@ def test_forward_backward_allocates_one_heatmap(backend, dtype, heatmaps_allowed
     step()
     pred.grad = None
     heatmap_bytes = pred.numel() * pred.element_size()
-    assert peak_extra_bytes(step) <= heatmaps_allowed * heatmap_bytes
+    assert peak_extra_bytes(step, device) <= heatmaps_allowed * heatmap_bytes
     # The reference backend materialises T, D and both gradient maps; the measure sees that.
     pred.grad = None
     assert peak_extra_bytes(
-        lambda: hgloss.heatmap_gradient_loss(pred, target, weight, teacher=teacher, backend="reference").backward()
+        lambda: hgloss.heatmap_gradient_loss(pred, target, weight, teacher=teacher, backend="reference").backward(),
+        device,
     ) > 3 * heatmap_bytes

@@ -8,7 +8,7 @@ import torch
 
 import hgloss
 
-from conftest import fused_backend_params, grad_error, heatmaps, loss_error
+from conftest import FUSED_DEVICES, fused_backend_params, grad_error, heatmaps, loss_error
 
 STENCILS = ["forward", "central", "sobel"]
 REDUCTIONS = ["mean", "sum", "none"]
@@ -28,19 +28,20 @@ TEACHERS = ["none", "float", "per-sample"]
 TOLERANCE = 1e-9  # float64 throughout: both sides are exact up to summation order
 
 
-def make_case(shape, teacher, weight_shape, generator, requires_grad=True, dtypes=None):
+def make_case(shape, teacher, weight_shape, generator, requires_grad=True, dtypes=None, device="cpu"):
     dtypes = dtypes or {}
     batch, joints = shape[:2]
-    pred = heatmaps(shape, dtypes.get("pred", torch.float64), generator=generator)
-    target = heatmaps(shape, dtypes.get("target", torch.float64), generator=generator)
+    pred = heatmaps(shape, dtypes.get("pred", torch.float64), device, generator)
+    target = heatmaps(shape, dtypes.get("target", torch.float64), device, generator)
     inputs = {"pred": pred, "target": target, "teacher": None, "alpha": 0.5, "target_weight": None}
     if teacher != "none":
-        inputs["teacher"] = heatmaps(shape, dtypes.get("teacher", torch.float64), generator=generator)
+        inputs["teacher"] = heatmaps(shape, dtypes.get("teacher", torch.float64), device, generator)
         inputs["alpha"] = (
-            0.3 if teacher == "float" else torch.rand(batch, generator=generator, dtype=torch.float64)
+            0.3 if teacher == "float" else torch.rand(batch, generator=generator, dtype=torch.float64).to(device)
         )
     if weight_shape is not None:
-        inputs["target_weight"] = torch.rand((batch, joints) + weight_shape, generator=generator, dtype=torch.float64)
+        weight = torch.rand((batch, joints) + weight_shape, generator=generator, dtype=torch.float64)
+        inputs["target_weight"] = weight.to(device)
     if requires_grad:
         for name in ("pred", "target", "teacher", "target_weight"):
             if inputs[name] is not None:
@@ -73,7 +74,7 @@ def upstream_for(reduction, shape, generator):
 
 
 def assert_matches_reference(backend, inputs, reduction, stencil, generator, tolerance=TOLERANCE):
-    upstream = upstream_for(reduction, inputs["pred"].shape, generator)
+    upstream = upstream_for(reduction, inputs["pred"].shape, generator).to(inputs["pred"].device)
     loss, grads = loss_and_grads(backend, inputs, reduction, stencil, upstream)
     ref_loss, ref_grads = loss_and_grads("reference", inputs, reduction, stencil, upstream)
     assert loss.dtype == ref_loss.dtype and loss.shape == ref_loss.shape
@@ -91,7 +92,7 @@ def assert_matches_reference(backend, inputs, reduction, stencil, generator, tol
 @pytest.mark.parametrize("teacher", TEACHERS)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_matrix(backend, shape, stencil, teacher, reduction, generator):
-    inputs = make_case(shape, teacher, (1,), generator)
+    inputs = make_case(shape, teacher, (1,), generator, device=FUSED_DEVICES[backend])
     assert_matches_reference(backend, inputs, reduction, stencil, generator)
 
 
@@ -99,7 +100,7 @@ def test_matrix(backend, shape, stencil, teacher, reduction, generator):
 @pytest.mark.parametrize("weight_shape", [None, (), (1,), (1, 1)], ids=["no-weight", "BK", "BK1", "BK11"])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_weight_shapes(backend, weight_shape, reduction, generator):
-    inputs = make_case((3, 5, 11, 7), "per-sample", weight_shape, generator)
+    inputs = make_case((3, 5, 11, 7), "per-sample", weight_shape, generator, device=FUSED_DEVICES[backend])
     assert_matches_reference(backend, inputs, reduction, "sobel", generator)
 
 
@@ -111,7 +112,7 @@ def non_contiguous(tensor, layout):
         return tensor.detach().transpose(2, 3).contiguous().transpose(2, 3)
     if layout == "sliced":
         batch, joints, height, width = tensor.shape
-        padded = torch.zeros(batch, 2 * joints, height + 3, 2 * width, dtype=tensor.dtype)
+        padded = torch.zeros(batch, 2 * joints, height + 3, 2 * width, dtype=tensor.dtype, device=tensor.device)
         view = padded[:, ::2, 1 : height + 1, ::2]
         view.copy_(tensor.detach())
         return view
@@ -122,7 +123,7 @@ def non_contiguous(tensor, layout):
 @pytest.mark.parametrize("layout", ["channels-last", "transposed", "sliced"])
 @pytest.mark.parametrize("stencil", STENCILS)
 def test_non_contiguous(backend, layout, stencil, generator):
-    inputs = make_case((2, 3, 9, 6), "per-sample", (1,), generator, requires_grad=False)
+    inputs = make_case((2, 3, 9, 6), "per-sample", (1,), generator, requires_grad=False, device=FUSED_DEVICES[backend])
     for name in ("pred", "target", "teacher"):
         inputs[name] = non_contiguous(inputs[name], layout).requires_grad_(True)
         assert not inputs[name].is_contiguous()
@@ -143,7 +144,7 @@ def test_non_contiguous(backend, layout, stencil, generator):
 )
 def test_mixed_dtypes(backend, dtypes, generator):
     """Mixed input dtypes against the reference on the very same inputs, in each input's dtype."""
-    inputs = make_case((2, 3, 16, 12), "per-sample", (1,), generator, dtypes=dtypes)
+    inputs = make_case((2, 3, 16, 12), "per-sample", (1,), generator, dtypes=dtypes, device=FUSED_DEVICES[backend])
     pred_dtype = dtypes["pred"]
     tolerance = {torch.float64: 1e-9, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[pred_dtype]
     assert_matches_reference(backend, inputs, "sum", "central", generator, tolerance=tolerance)
