@@ -131,3 +131,29 @@ def test_kernels_compile_for_sm80_and_sm90_without_spilling():
     print(result.stdout)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count(" sm_80 ") == result.stdout.count(" sm_90a ") > 20
+
+
+def test_gpu_registration_traces_with_fake_cuda_tensors():
+    """On a GPU the operator is a triton_op, whose body torch.compile traces with fake tensors;
+    tracing needs no GPU, so it is checked here with fake CUDA tensors."""
+    result = run_python(
+        """
+        import torch
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from hgloss.backends import triton as triton_backend
+        assert not triton_backend.INTERPRETING
+        with FakeTensorMode():
+            pred, target, teacher = (torch.empty(4, 17, 64, 48, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+            alpha, weight = torch.empty(4, device="cuda"), torch.empty(4, 17, device="cuda")
+            for stencil in ("forward", "central", "sobel"):
+                for reduction in ("mean", "none"):
+                    loss, terms, grad = torch.ops.hgloss.triton_heatmap_loss(
+                        pred, target, teacher, alpha, weight, 1.0, 0.5, stencil, reduction, True
+                    )
+                    print(stencil, reduction, tuple(loss.shape), tuple(terms.shape), tuple(grad.shape), grad.dtype, grad.device)
+        """,
+        TRITON_INTERPRET="0",
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("(4, 17, 64, 48) torch.bfloat16 cuda") == 6
+    assert "sobel mean () (4, 17)" in result.stdout and "sobel none (4, 17) (4, 17)" in result.stdout

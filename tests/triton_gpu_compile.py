@@ -17,7 +17,6 @@ import tempfile
 import time
 
 import triton
-import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -63,21 +62,23 @@ def variants():
             }
             constexprs = dict(
                 STENCIL=code, HAS_TEACHER=with_inputs, HAS_WEIGHT=with_inputs, COMPUTE_GRAD=True, MEAN=True,
-                CONTIGUOUS=contiguous, ACC=tl.float64 if accumulation == "fp64" else tl.float32, PLANES=1, TILE=tile,
+                CONTIGUOUS=contiguous, PLANES=1, TILE=tile,
             )
             layout = "contiguous" if contiguous else "strided"
             extras = "teacher+weight" if with_inputs else "plain"
             description = f"tile {stencil} {pred} {layout} {extras}"
             yield description, triton_backend._plane_tile_kernel, pointers, constexprs, warps, accumulation == "fp32"
     for accumulation in ("fp32", "fp64"):
-        acc = tl.float64 if accumulation == "fp64" else tl.float32
         pointers = {"partials_ptr": accumulation, "weight_ptr": "fp32", "terms_ptr": accumulation, "loss_ptr": accumulation}
-        constexprs = dict(REDUCTION=2, HAS_WEIGHT=True, ACC=acc, PLANE_BLOCK=triton_backend.PLANE_BLOCK)
-        yield f"finish {accumulation}", triton_backend._finish_planes_kernel, pointers, constexprs, 4, True
+        for reduction, code in triton_backend.REDUCTION_CODES.items():
+            constexprs = dict(REDUCTION=code, HAS_WEIGHT=True, PLANE_BLOCK=triton_backend.PLANE_BLOCK)
+            yield f"finish {reduction} {accumulation}", triton_backend._finish_planes_kernel, pointers, constexprs, 4, True
         for grad in ("bf16", accumulation):
-            pointers = {"grad_ptr": grad, "scale_ptr": accumulation}
-            constexprs = dict(PER_PLANE=True, ACC=acc, TILE=triton_backend.SCALE_TILE)
-            yield f"scale {grad} by {accumulation}", triton_backend._scale_planes_kernel, pointers, constexprs, 4, True
+            for per_plane in (False, True):
+                pointers = {"grad_ptr": grad, "scale_ptr": accumulation}
+                constexprs = dict(PER_PLANE=per_plane, TILE=triton_backend.SCALE_TILE)
+                scale = "per plane" if per_plane else "by one"
+                yield f"scale {grad} {scale} {accumulation}", triton_backend._scale_planes_kernel, pointers, constexprs, 4, True
 
 
 def ptxas_report(ptx: str, arch: str) -> tuple[int, int]:

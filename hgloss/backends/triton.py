@@ -187,8 +187,9 @@ def _plane_tile_kernel(
     mse_high, mse_low, grad_high, grad_low,
     STENCIL: tl.constexpr, HAS_TEACHER: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr, MEAN: tl.constexpr, CONTIGUOUS: tl.constexpr,
-    ACC: tl.constexpr, PLANES: tl.constexpr, TILE: tl.constexpr,
+    PLANES: tl.constexpr, TILE: tl.constexpr,
 ):
+    ACC = partials_ptr.dtype.element_ty  # float32, or float64 for a float64 pred
     # Rows of the program's 2-D block are its planes, columns the pixels of one tile of each.
     first_plane = tl.program_id(0) * PLANES
     tile_index = tl.program_id(1)
@@ -254,8 +255,9 @@ def _finish_planes_kernel(
     plane_count, joints, tiles, value_count, gradient_count,
     weight_batch_stride, weight_joint_stride,
     mse_high, mse_low, grad_high, grad_low,
-    REDUCTION: tl.constexpr, HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr, PLANE_BLOCK: tl.constexpr,
+    REDUCTION: tl.constexpr, HAS_WEIGHT: tl.constexpr, PLANE_BLOCK: tl.constexpr,
 ):
+    ACC = terms_ptr.dtype.element_ty
     mse_weight = _weight_from_parts(mse_high, mse_low, ACC)
     grad_weight = _weight_from_parts(grad_high, grad_low, ACC)
     running = tl.zeros([PLANE_BLOCK], dtype=ACC)
@@ -288,8 +290,8 @@ def _finish_planes_kernel(
 
 
 @triton.jit
-def _scale_planes_kernel(grad_ptr, scale_ptr, plane_size, PER_PLANE: tl.constexpr, ACC: tl.constexpr,
-                         TILE: tl.constexpr):
+def _scale_planes_kernel(grad_ptr, scale_ptr, plane_size, PER_PLANE: tl.constexpr, TILE: tl.constexpr):
+    ACC = scale_ptr.dtype.element_ty
     plane = tl.program_id(0)
     factor = tl.load(scale_ptr + plane) if PER_PLANE else tl.load(scale_ptr)
     if factor != 1.0:
@@ -386,7 +388,6 @@ def _triton_heatmap_loss(
             COMPUTE_GRAD=compute_grad,
             MEAN=reduction == "mean",
             CONTIGUOUS=all(_has_dense_planes(tensor) for tensor in (pred, target, teacher)),
-            ACC=tl.float64 if dtype == torch.float64 else tl.float32,
             PLANES=planes_per_program,
             TILE=tile_pixels,
             num_warps=num_warps,
@@ -398,7 +399,6 @@ def _triton_heatmap_loss(
         *mse_parts, *grad_parts,
         REDUCTION=REDUCTION_CODES[reduction],
         HAS_WEIGHT=weight is not None,
-        ACC=tl.float64 if dtype == torch.float64 else tl.float32,
         PLANE_BLOCK=PLANE_BLOCK,
     )
     return loss, terms, grad
@@ -414,7 +414,6 @@ def scale_gradient_(grad: torch.Tensor, scale: torch.Tensor) -> None:
     _scale_planes_kernel[(batch * joints, triton.cdiv(height * width, SCALE_TILE))](
         grad, scale, height * width,
         PER_PLANE=per_plane,
-        ACC=tl.float64 if scale.dtype == torch.float64 else tl.float32,
         TILE=SCALE_TILE,
     )
 
