@@ -4,10 +4,10 @@ The heatmap MSE with a heatmap-gradient constraint and self-distillation soft ta
 one fused pass with a hand-written backward. See README.md and SPEC for the formula.
 """
 
-from . import compat
+from . import compat, distill
 from .functional import available_backends, heatmap_gradient_loss
 from .modules import HeatmapGradientLoss
 
 __version__ = "0.1.0"
 
-__all__ = ["HeatmapGradientLoss", "available_backends", "compat", "heatmap_gradient_loss", "__version__"]
+__all__ = ["HeatmapGradientLoss", "available_backends", "compat", "distill", "heatmap_gradient_loss", "__version__"]
