@@ -37,6 +37,7 @@ demo: install
 
 bench: install
 	$(PY) benchmarks/bench_loss.py --batch 8,32,64,128
+	$(PY) benchmarks/bench_train_step.py
 
 clean:
 	rm -rf build $(VENV) *.egg-info hgloss/_C*.so

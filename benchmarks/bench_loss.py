@@ -27,11 +27,11 @@ Examples::
     python benchmarks/bench_loss.py --batch 8,32,128 --teacher on,off --mode fwd,bwd,fwd+bwd
     python benchmarks/bench_loss.py --device cuda --dtype float32,bfloat16 --stencil forward,sobel
     python benchmarks/bench_loss.py --providers eager,cpu --repeats 100 --out /tmp/bench
-    python benchmarks/bench_loss.py --full                # the large sweep, 576 configurations
+    python benchmarks/bench_loss.py --full                # the large sweep, 864 configurations
     python benchmarks/bench_loss.py --full --dtype float32 --max-seconds 20   # part of it
 
 On a 2-core CPU the default run takes about 20 s, half of it compiling on a cold Inductor
-cache; --full takes about 1.5 hours. --full skips eager, reference and compile where one
+cache. --full takes hours (its float32 and bfloat16 half took about 1.5 hours). --full skips eager, reference and compile where one
 measurement would exceed 5 s (--max-seconds) and cuts a fused backend's runs to fit (at least 5),
 and the table says where. Progress goes to stderr, one line per configuration.
 """
@@ -75,7 +75,7 @@ FULL_SWEEP = {
     "batch": "8,32,64,128",
     "joints": "17,16,133",
     "size": "64x48,96x72,64x64,128x128",
-    "dtype": "float32,bfloat16",
+    "dtype": "float32,bfloat16,float16",
     "teacher": "on,off",
     "stencil": "forward,central,sobel",
 }

@@ -6,6 +6,9 @@ environment turns it off.
 """
 
 import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -14,6 +17,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import hgloss  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Fused backends and the device each computes on. Every one is tested against "reference".
 FUSED_DEVICES = {
@@ -85,3 +90,23 @@ def heatmaps(shape, dtype=torch.float64, device="cpu", generator=None, kind="gau
 @pytest.fixture
 def generator():
     return torch.Generator().manual_seed(1234)
+
+
+def run_checked(argv: list[str], **env: str) -> subprocess.CompletedProcess:
+    """Run argv at the project root in a fresh process, with `env` added to this environment
+    (the Triton interpreter off unless `env` turns it on); fail the test on a non-zero exit."""
+    result = subprocess.run(
+        argv,
+        env={**os.environ, "TRITON_INTERPRET": "0", **env},
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    """run_checked for a snippet of Python code (dedented)."""
+    return run_checked([sys.executable, "-c", textwrap.dedent(code)], **env)

@@ -1,18 +1,13 @@
 """Backend choice: available_backends, "auto", HGLOSS_BACKEND, the fallback when the C++ extension
 is missing, and the just-in-time build."""
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 
 import hgloss
 from hgloss import functional
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import run_python
 
 
 def test_available_backends_lists_cpu_and_reference():
@@ -43,20 +38,6 @@ def test_environment_with_unknown_backend(monkeypatch):
     monkeypatch.setenv("HGLOSS_BACKEND", "fast")
     with pytest.raises(ValueError, match="HGLOSS_BACKEND='fast' is not a backend"):
         hgloss.heatmap_gradient_loss(torch.rand(1, 1, 2, 2), torch.rand(1, 1, 2, 2))
-
-
-def run_python(code, **env):
-    """Run code in a fresh interpreter; the Triton interpreter is off unless env turns it on."""
-    result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        env={**os.environ, "TRITON_INTERPRET": "0", **env},
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result
 
 
 def test_without_the_extension_everything_runs_on_the_reference():

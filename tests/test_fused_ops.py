@@ -5,7 +5,6 @@ import pytest
 import torch
 
 import hgloss
-from hgloss.backends import reference
 
 from conftest import FUSED_DEVICES, fused_backend_params, fused_op, grad_error, heatmaps, interpreted, loss_error
 

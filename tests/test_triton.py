@@ -5,9 +5,7 @@ The shared matrices (test_fused_vs_reference.py, test_fused_ops.py) run the Trit
 every fused backend: on a GPU when there is one, else under the Triton interpreter."""
 
 import os
-import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
@@ -15,24 +13,12 @@ import torch
 import hgloss
 from hgloss import functional
 
-from conftest import FUSED_DEVICES, grad_error, heatmaps, loss_error
+from conftest import FUSED_DEVICES, ROOT, grad_error, heatmaps, loss_error, run_checked, run_python
 from test_fused_vs_reference import assert_matches_reference, make_case
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_triton = pytest.mark.skipif(
     "triton" not in hgloss.available_backends(), reason="Triton unavailable: no GPU and the interpreter is off"
 )
-
-
-def run_python(code, **env):
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
-    )
 
 
 def test_triton_on_cpu_tensors_outside_the_interpreter_is_refused():
@@ -44,10 +30,8 @@ def test_triton_on_cpu_tensors_outside_the_interpreter_is_refused():
         except RuntimeError as error:
             print("refused:", error)
         """,
-        TRITON_INTERPRET="0",
         HGLOSS_BACKEND="",
     )
-    assert result.returncode == 0, result.stderr
     assert "refused: backend 'triton' is not available for cpu tensors" in result.stdout
     assert "TRITON_INTERPRET=1" in result.stdout
 
@@ -120,16 +104,8 @@ def test_kernels_compile_for_sm80_and_sm90_without_spilling():
     """triton.compile for sm_80 and sm_90 with the nvidia backend shipped in the triton wheel; no
     GPU needed. Catches kernels the interpreter accepts and the GPU compiler does not."""
     pytest.importorskip("triton")
-    result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "tests", "triton_gpu_compile.py")],
-        env={**os.environ, "TRITON_INTERPRET": "0"},
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=ROOT,
-    )
+    result = run_checked([sys.executable, os.path.join(ROOT, "tests", "triton_gpu_compile.py")])
     print(result.stdout)
-    assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count(" sm_80 ") == result.stdout.count(" sm_90a ") > 20
 
 
@@ -151,9 +127,7 @@ def test_gpu_registration_traces_with_fake_cuda_tensors():
                         pred, target, teacher, alpha, weight, 1.0, 0.5, stencil, reduction, True
                     )
                     print(stencil, reduction, tuple(loss.shape), tuple(terms.shape), tuple(grad.shape), grad.dtype, grad.device)
-        """,
-        TRITON_INTERPRET="0",
+        """
     )
-    assert result.returncode == 0, result.stderr
     assert result.stdout.count("(4, 17, 64, 48) torch.bfloat16 cuda") == 6
     assert "sobel mean () (4, 17)" in result.stdout and "sobel none (4, 17) (4, 17)" in result.stdout

@@ -1,0 +1,56 @@
+"""The benchmark scripts run end to end on a tiny configuration and write what they promise.
+
+These check the scripts, not the speed: a test never times anything."""
+
+import csv
+import os
+import sys
+
+import pytest
+
+from conftest import ROOT, run_checked
+
+
+def run_benchmark(script, *arguments):
+    # The interpreter stays off (run_checked), or it would be probed as a CPU backend.
+    return run_checked([sys.executable, os.path.join(ROOT, "benchmarks", script), *arguments], HGLOSS_BACKEND="")
+
+
+def read_csv(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_loss_benchmark_writes_csv_summary_and_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    run_benchmark(
+        "bench_loss.py", "--batch", "2,4", "--size", "16x12", "--providers", "eager,reference,cpu",
+        "--repeats", "3", "--warmup", "1", "--out", str(tmp_path),
+    )
+    rows = read_csv(tmp_path / "bench_loss.csv")
+    assert {(row["batch"], row["provider"]) for row in rows} == {
+        (batch, provider) for batch in ("2", "4") for provider in ("eager", "reference", "cpu")
+    }
+    assert all(float(row["median_ms"]) > 0 and row["torch_version"] for row in rows)
+    assert "| 4 |" in (tmp_path / "summary.md").read_text()
+    assert list(tmp_path.glob("*.png")), "a plot of time and memory against batch size"
+
+
+def test_train_step_benchmark_writes_csv_summary_and_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    result = run_benchmark(
+        "bench_train_step.py", "--device", "cpu", "--model", "resnet18-small", "--batch", "2",
+        "--input-size", "64x64", "--providers", "eager,cpu", "--rounds", "2", "--repeats", "1",
+        "--warmup", "0", "--out", str(tmp_path),
+    )
+    rows = read_csv(tmp_path / "train_step.csv")
+    expected = {("-", "model only")} | {(variant, provider) for variant in ("mse", "hg", "hg+teacher")
+                                        for provider in ("eager", "cpu")}
+    assert {(row["variant"], row["provider"]) for row in rows} == expected
+    for row in rows:
+        assert int(row["runs"]) == 2 and float(row["step_median_ms"]) > 0
+        if row["provider"] != "model only":
+            assert 0 < float(row["loss_share"]) < 1
+    assert "| hg+teacher | **cpu** |" in result.stdout
+    assert (tmp_path / "train_step.md").read_text().startswith("# Training step:")
+    assert (tmp_path / "train_step.png").stat().st_size > 0
