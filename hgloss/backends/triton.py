@@ -44,10 +44,12 @@ from .reference import accumulation_dtype
 
 STENCIL_CODES = {"forward": 0, "central": 1, "sobel": 2}
 REDUCTION_CODES = {"none": 0, "sum": 1, "mean": 2}
-# Per stencil, the most pixels of one plane a tile-kernel program owns and its warps: each thread
-# then holds the D values its stencil reuses in registers without spilling (ptxas -v, sm_90,
-# float32: 74 registers for "forward", 118 for "central", 190 for "sobel").
-TILE_CONFIG = {"forward": (1024, 8), "central": (1024, 8), "sobel": (512, 8)}
+# Per stencil, the most pixels of one plane a tile-kernel program owns and its warps. A thread
+# keeps the D values its stencil reuses in registers; fewer pixels per thread for the wider
+# stencils keep that under about 110 registers (ptxas -v, sm_90, float32: 74 for "forward",
+# 52 for "central", 106 for "sobel"), so that several programs share an SM. Chosen by register
+# count; not yet timed on a GPU.
+TILE_CONFIG = {"forward": (1024, 8), "central": (512, 8), "sobel": (512, 16)}
 # Pixels per program of the backward's scaling kernel, and planes per step of the finishing kernel.
 SCALE_TILE = 1024
 PLANE_BLOCK = 1024
