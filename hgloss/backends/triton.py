@@ -17,7 +17,8 @@ Kernels
   per-plane terms mu*V + lambda*R, and the weighted plane losses or their sum or mean, summed in
   a fixed order: bit-identical run to run, no atomics.
 - `_scale_planes_kernel`: the backward's in-place scaling of dL/dD by the upstream gradient. A
-  plane whose factor is exactly 1 (every plane after `loss.backward()` on a sum) is skipped.
+  plane whose factor is exactly 1 (every plane, after `loss.backward()` on a mean or a sum) is
+  skipped; the factor is read on the device, so nothing waits for the host.
 
 Every load is converted to float32 (float64 for a float64 pred) before any arithmetic, which is
 also what keeps bfloat16 right under the Triton interpreter (TRITON_INTERPRET=1), where
@@ -365,11 +366,10 @@ def _triton_heatmap_loss(
     dtype = accumulation_dtype(pred)
     plane_count = batch * joints
     tile_pixels, tiles, planes_per_program, num_warps = launch_shape(height, width, stencil)
-    gradient_count = _gradient_count(height, width, stencil)
     mse_parts = _float32_parts(mse_weight)
-    # With no gradient position the gradient sums are 0; dividing by 1 keeps R = 0.
     grad_parts = _float32_parts(grad_weight)
-    gradient_count = max(gradient_count, 1)
+    # With no gradient position the gradient sums are 0; dividing by 1 keeps R = 0.
+    gradient_count = max(_gradient_count(height, width, stencil), 1)
 
     partials = pred.new_empty((plane_count, tiles, 2), dtype=dtype)
     terms = pred.new_empty((batch, joints), dtype=dtype)
