@@ -47,10 +47,10 @@ STENCIL_CODES = {"forward": 0, "central": 1, "sobel": 2}
 REDUCTION_CODES = {"none": 0, "sum": 1, "mean": 2}
 # Per stencil, the most pixels of one plane a tile-kernel program owns and its warps. A thread
 # keeps the D values its stencil reuses in registers; fewer pixels per thread for the wider
-# stencils keep that under about 110 registers (ptxas -v, sm_90, float32: 74 for "forward",
-# 52 for "central", 106 for "sobel"), so that several programs share an SM. Chosen by register
-# count; not yet timed on a GPU.
-TILE_CONFIG = {"forward": (1024, 8), "central": (512, 8), "sobel": (512, 16)}
+# stencils keep that at or under 128 registers, without spills (ptxas -v, sm_90, float32: 77
+# for "forward", 61 for "central", 125 for "sobel"), so that several programs share an SM.
+# Chosen by register count; not yet timed on a GPU.
+TILE_CONFIG = {"forward": (1024, 8), "central": (512, 8), "sobel": (512, 8)}
 # Pixels per program of the backward's scaling kernel, and planes per step of the finishing kernel.
 SCALE_TILE = 1024
 PLANE_BLOCK = 1024
@@ -84,91 +84,75 @@ def _difference(inputs, tile, row_shift: tl.constexpr, col_shift: tl.constexpr,
 
 
 @triton.jit
-def _x_gradient(inputs, tile, row_shift: tl.constexpr, col_shift: tl.constexpr, STENCIL: tl.constexpr,
-                HAS_TEACHER: tl.constexpr, CONTIGUOUS: tl.constexpr, ACC: tl.constexpr):
-    """Ax at the tile's pixels shifted by (row_shift, col_shift); 0 off its valid positions."""
+def _gradient_map(inputs, tile, row_shift: tl.constexpr, col_shift: tl.constexpr, STEP_ROW: tl.constexpr,
+                  STEP_COL: tl.constexpr, STENCIL: tl.constexpr, HAS_TEACHER: tl.constexpr,
+                  CONTIGUOUS: tl.constexpr, ACC: tl.constexpr):
+    """One gradient map at the tile's pixels shifted by (row_shift, col_shift), 0 off its valid
+    positions: Ax for a step (STEP_ROW, STEP_COL) = (0, 1) along the row, Ay for (1, 0). The
+    sobel smoothing runs across the step, along (STEP_COL, STEP_ROW)."""
     _, rows, cols, in_tile, height, width = tile
     i = rows + row_shift
     j = cols + col_shift
+    along = i * STEP_ROW + j * STEP_COL
+    across = i * STEP_COL + j * STEP_ROW
+    along_size = height * STEP_ROW + width * STEP_COL
+    across_size = height * STEP_COL + width * STEP_ROW
     if STENCIL == 0:
-        valid = (i >= 0) & (i < height) & (j >= 0) & (j < width - 1)
-        value = (_difference(inputs, tile, row_shift, col_shift + 1, HAS_TEACHER, CONTIGUOUS, ACC)
+        valid = (along >= 0) & (along < along_size - 1) & (across >= 0) & (across < across_size)
+        value = (_difference(inputs, tile, row_shift + STEP_ROW, col_shift + STEP_COL, HAS_TEACHER, CONTIGUOUS, ACC)
                  - _difference(inputs, tile, row_shift, col_shift, HAS_TEACHER, CONTIGUOUS, ACC))
     elif STENCIL == 1:
-        valid = (i >= 0) & (i < height) & (j >= 1) & (j < width - 1)
-        value = 0.5 * (_difference(inputs, tile, row_shift, col_shift + 1, HAS_TEACHER, CONTIGUOUS, ACC)
-                       - _difference(inputs, tile, row_shift, col_shift - 1, HAS_TEACHER, CONTIGUOUS, ACC))
+        valid = (along >= 1) & (along < along_size - 1) & (across >= 0) & (across < across_size)
+        value = 0.5 * (
+            _difference(inputs, tile, row_shift + STEP_ROW, col_shift + STEP_COL, HAS_TEACHER, CONTIGUOUS, ACC)
+            - _difference(inputs, tile, row_shift - STEP_ROW, col_shift - STEP_COL, HAS_TEACHER, CONTIGUOUS, ACC))
     else:
-        valid = (i >= 1) & (i < height - 1) & (j >= 1) & (j < width - 1)
+        valid = (along >= 1) & (along < along_size - 1) & (across >= 1) & (across < across_size - 1)
+        # Differences along the step at the three rows (or columns) across it, weighted 1, 2, 1.
         value = 0.125 * (
-            (_difference(inputs, tile, row_shift - 1, col_shift + 1, HAS_TEACHER, CONTIGUOUS, ACC)
-             - _difference(inputs, tile, row_shift - 1, col_shift - 1, HAS_TEACHER, CONTIGUOUS, ACC))
-            + 2 * (_difference(inputs, tile, row_shift, col_shift + 1, HAS_TEACHER, CONTIGUOUS, ACC)
-                   - _difference(inputs, tile, row_shift, col_shift - 1, HAS_TEACHER, CONTIGUOUS, ACC))
-            + (_difference(inputs, tile, row_shift + 1, col_shift + 1, HAS_TEACHER, CONTIGUOUS, ACC)
-               - _difference(inputs, tile, row_shift + 1, col_shift - 1, HAS_TEACHER, CONTIGUOUS, ACC)))
+            (_difference(inputs, tile, row_shift - STEP_COL + STEP_ROW, col_shift - STEP_ROW + STEP_COL,
+                         HAS_TEACHER, CONTIGUOUS, ACC)
+             - _difference(inputs, tile, row_shift - STEP_COL - STEP_ROW, col_shift - STEP_ROW - STEP_COL,
+                           HAS_TEACHER, CONTIGUOUS, ACC))
+            + 2 * (_difference(inputs, tile, row_shift + STEP_ROW, col_shift + STEP_COL, HAS_TEACHER, CONTIGUOUS, ACC)
+                   - _difference(inputs, tile, row_shift - STEP_ROW, col_shift - STEP_COL, HAS_TEACHER, CONTIGUOUS, ACC))
+            + (_difference(inputs, tile, row_shift + STEP_COL + STEP_ROW, col_shift + STEP_ROW + STEP_COL,
+                           HAS_TEACHER, CONTIGUOUS, ACC)
+               - _difference(inputs, tile, row_shift + STEP_COL - STEP_ROW, col_shift + STEP_ROW - STEP_COL,
+                             HAS_TEACHER, CONTIGUOUS, ACC)))
     return tl.where(valid & in_tile, value, 0.0)
 
 
 @triton.jit
-def _y_gradient(inputs, tile, row_shift: tl.constexpr, col_shift: tl.constexpr, STENCIL: tl.constexpr,
-                HAS_TEACHER: tl.constexpr, CONTIGUOUS: tl.constexpr, ACC: tl.constexpr):
-    """Ay at the tile's pixels shifted by (row_shift, col_shift); 0 off its valid positions."""
-    _, rows, cols, in_tile, height, width = tile
-    i = rows + row_shift
-    j = cols + col_shift
+def _map_adjoint(inputs, tile, STEP_ROW: tl.constexpr, STEP_COL: tl.constexpr, STENCIL: tl.constexpr,
+                 HAS_TEACHER: tl.constexpr, CONTIGUOUS: tl.constexpr, ACC: tl.constexpr):
+    """(A^T A D) at the tile's pixels for the map with this step: each tap (offset, c) of the map
+    sends c * A[p] to pixel p + offset, so pixel q gathers c * A[q - offset] from valid positions."""
     if STENCIL == 0:
-        valid = (i >= 0) & (i < height - 1) & (j >= 0) & (j < width)
-        value = (_difference(inputs, tile, row_shift + 1, col_shift, HAS_TEACHER, CONTIGUOUS, ACC)
-                 - _difference(inputs, tile, row_shift, col_shift, HAS_TEACHER, CONTIGUOUS, ACC))
+        # Taps: -1 at the pixel, +1 one step on.
+        gathered = (_gradient_map(inputs, tile, -STEP_ROW, -STEP_COL, STEP_ROW, STEP_COL, STENCIL,
+                                  HAS_TEACHER, CONTIGUOUS, ACC)
+                    - _gradient_map(inputs, tile, 0, 0, STEP_ROW, STEP_COL, STENCIL, HAS_TEACHER, CONTIGUOUS, ACC))
     elif STENCIL == 1:
-        valid = (i >= 1) & (i < height - 1) & (j >= 0) & (j < width)
-        value = 0.5 * (_difference(inputs, tile, row_shift + 1, col_shift, HAS_TEACHER, CONTIGUOUS, ACC)
-                       - _difference(inputs, tile, row_shift - 1, col_shift, HAS_TEACHER, CONTIGUOUS, ACC))
+        # Taps: -1/2 one step back, +1/2 one step on.
+        gathered = 0.5 * (
+            _gradient_map(inputs, tile, -STEP_ROW, -STEP_COL, STEP_ROW, STEP_COL, STENCIL, HAS_TEACHER, CONTIGUOUS, ACC)
+            - _gradient_map(inputs, tile, STEP_ROW, STEP_COL, STEP_ROW, STEP_COL, STENCIL, HAS_TEACHER, CONTIGUOUS, ACC))
     else:
-        valid = (i >= 1) & (i < height - 1) & (j >= 1) & (j < width - 1)
-        value = 0.125 * (
-            (_difference(inputs, tile, row_shift + 1, col_shift - 1, HAS_TEACHER, CONTIGUOUS, ACC)
-             - _difference(inputs, tile, row_shift - 1, col_shift - 1, HAS_TEACHER, CONTIGUOUS, ACC))
-            + 2 * (_difference(inputs, tile, row_shift + 1, col_shift, HAS_TEACHER, CONTIGUOUS, ACC)
-                   - _difference(inputs, tile, row_shift - 1, col_shift, HAS_TEACHER, CONTIGUOUS, ACC))
-            + (_difference(inputs, tile, row_shift + 1, col_shift + 1, HAS_TEACHER, CONTIGUOUS, ACC)
-               - _difference(inputs, tile, row_shift - 1, col_shift + 1, HAS_TEACHER, CONTIGUOUS, ACC)))
-    return tl.where(valid & in_tile, value, 0.0)
-
-
-@triton.jit
-def _adjoint(inputs, tile, STENCIL: tl.constexpr, HAS_TEACHER: tl.constexpr, CONTIGUOUS: tl.constexpr,
-             ACC: tl.constexpr):
-    """(Ax^T Ax + Ay^T Ay) D at the tile's pixels: each tap (u, v, c) of a map sends c * A[p]
-    to pixel p + (u, v), so pixel q gathers c * A[q - (u, v)] from the valid positions."""
-    if STENCIL == 0:
-        # Taps (0, 0, -1) and (0, 1, +1) along x; (0, 0, -1) and (1, 0, +1) along y.
-        gathered = (_x_gradient(inputs, tile, 0, -1, STENCIL, HAS_TEACHER, CONTIGUOUS, ACC)
-                    - _x_gradient(inputs, tile, 0, 0, STENCIL, HAS_TEACHER, CONTIGUOUS, ACC)
-                    + _y_gradient(inputs, tile, -1, 0, STENCIL, HAS_TEACHER, CONTIGUOUS, ACC)
-                    - _y_gradient(inputs, tile, 0, 0, STENCIL, HAS_TEACHER, CONTIGUOUS, ACC))
-    elif STENCIL == 1:
-        # Taps (0, -1, -1/2) and (0, 1, +1/2) along x, and their transposes along y.
-        gathered = 0.5 * (_x_gradient(inputs, tile, 0, -1, STENCIL, HAS_TEACHER, CONTIGUOUS, ACC)
-                          - _x_gradient(inputs, tile, 0, 1, STENCIL, HAS_TEACHER, CONTIGUOUS, ACC)
-                          + _y_gradient(inputs, tile, -1, 0, STENCIL, HAS_TEACHER, CONTIGUOUS, ACC)
-                          - _y_gradient(inputs, tile, 1, 0, STENCIL, HAS_TEACHER, CONTIGUOUS, ACC))
-    else:
-        # Ax taps (u, v, v * (2 - |u|) / 8) for v = +-1; Ay taps (u, v, u * (2 - |v|) / 8) for u = +-1.
+        # Taps: +-(2 - |u|) / 8 one step on and back, at u = -1, 0, 1 across the step.
         gathered = 0.125 * (
-            (_x_gradient(inputs, tile, 1, -1, STENCIL, HAS_TEACHER, CONTIGUOUS, ACC)
-             - _x_gradient(inputs, tile, 1, 1, STENCIL, HAS_TEACHER, CONTIGUOUS, ACC))
-            + 2 * (_x_gradient(inputs, tile, 0, -1, STENCIL, HAS_TEACHER, CONTIGUOUS, ACC)
-                   - _x_gradient(inputs, tile, 0, 1, STENCIL, HAS_TEACHER, CONTIGUOUS, ACC))
-            + (_x_gradient(inputs, tile, -1, -1, STENCIL, HAS_TEACHER, CONTIGUOUS, ACC)
-               - _x_gradient(inputs, tile, -1, 1, STENCIL, HAS_TEACHER, CONTIGUOUS, ACC))
-            + (_y_gradient(inputs, tile, -1, 1, STENCIL, HAS_TEACHER, CONTIGUOUS, ACC)
-               - _y_gradient(inputs, tile, 1, 1, STENCIL, HAS_TEACHER, CONTIGUOUS, ACC))
-            + 2 * (_y_gradient(inputs, tile, -1, 0, STENCIL, HAS_TEACHER, CONTIGUOUS, ACC)
-                   - _y_gradient(inputs, tile, 1, 0, STENCIL, HAS_TEACHER, CONTIGUOUS, ACC))
-            + (_y_gradient(inputs, tile, -1, -1, STENCIL, HAS_TEACHER, CONTIGUOUS, ACC)
-               - _y_gradient(inputs, tile, 1, -1, STENCIL, HAS_TEACHER, CONTIGUOUS, ACC)))
+            (_gradient_map(inputs, tile, STEP_COL - STEP_ROW, STEP_ROW - STEP_COL, STEP_ROW, STEP_COL, STENCIL,
+                           HAS_TEACHER, CONTIGUOUS, ACC)
+             - _gradient_map(inputs, tile, STEP_COL + STEP_ROW, STEP_ROW + STEP_COL, STEP_ROW, STEP_COL, STENCIL,
+                             HAS_TEACHER, CONTIGUOUS, ACC))
+            + 2 * (_gradient_map(inputs, tile, -STEP_ROW, -STEP_COL, STEP_ROW, STEP_COL, STENCIL,
+                                 HAS_TEACHER, CONTIGUOUS, ACC)
+                   - _gradient_map(inputs, tile, STEP_ROW, STEP_COL, STEP_ROW, STEP_COL, STENCIL,
+                                   HAS_TEACHER, CONTIGUOUS, ACC))
+            + (_gradient_map(inputs, tile, -STEP_COL - STEP_ROW, -STEP_ROW - STEP_COL, STEP_ROW, STEP_COL, STENCIL,
+                             HAS_TEACHER, CONTIGUOUS, ACC)
+               - _gradient_map(inputs, tile, -STEP_COL + STEP_ROW, -STEP_ROW + STEP_COL, STEP_ROW, STEP_COL, STENCIL,
+                               HAS_TEACHER, CONTIGUOUS, ACC)))
     return gathered
 
 
@@ -228,8 +212,8 @@ def _plane_tile_kernel(
     )
 
     diff = _difference(inputs, tile, 0, 0, HAS_TEACHER, CONTIGUOUS, ACC)
-    x_map = _x_gradient(inputs, tile, 0, 0, STENCIL, HAS_TEACHER, CONTIGUOUS, ACC)
-    y_map = _y_gradient(inputs, tile, 0, 0, STENCIL, HAS_TEACHER, CONTIGUOUS, ACC)
+    x_map = _gradient_map(inputs, tile, 0, 0, 0, 1, STENCIL, HAS_TEACHER, CONTIGUOUS, ACC)
+    y_map = _gradient_map(inputs, tile, 0, 0, 1, 0, STENCIL, HAS_TEACHER, CONTIGUOUS, ACC)
     if COMPUTE_GRAD:
         scale = tl.full([PLANES, 1], 2.0, ACC)
         if HAS_WEIGHT:
@@ -239,9 +223,9 @@ def _plane_tile_kernel(
             scale = scale / tl.cast(plane_count, ACC)
         value_coefficient = scale * _weight_from_parts(mse_high, mse_low, ACC) / tl.cast(plane_size, ACC)
         gradient_coefficient = scale * _weight_from_parts(grad_high, grad_low, ACC) / tl.cast(gradient_count, ACC)
-        grad = value_coefficient * diff + gradient_coefficient * _adjoint(
-            inputs, tile, STENCIL, HAS_TEACHER, CONTIGUOUS, ACC
-        )
+        adjoint = (_map_adjoint(inputs, tile, 0, 1, STENCIL, HAS_TEACHER, CONTIGUOUS, ACC)
+                   + _map_adjoint(inputs, tile, 1, 0, STENCIL, HAS_TEACHER, CONTIGUOUS, ACC))
+        grad = value_coefficient * diff + gradient_coefficient * adjoint
         grad_at = grad_ptr + planes.to(tl.int64) * plane_size + offsets
         tl.store(grad_at, grad.to(grad_ptr.dtype.element_ty), mask=in_tile)
 
