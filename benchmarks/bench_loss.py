@@ -31,9 +31,9 @@ Examples::
     python benchmarks/bench_loss.py --full --dtype float32 --max-seconds 20   # part of it
 
 On a 2-core CPU the default run takes about 20 s, half of it compiling on a cold Inductor
-cache. --full takes hours (its float32 and bfloat16 half took about 1.5 hours). --full skips eager, reference and compile where one
-measurement would exceed 5 s (--max-seconds) and cuts a fused backend's runs to fit (at least 5),
-and the table says where. Progress goes to stderr, one line per configuration.
+cache. --full takes hours: its float32 and bfloat16 part (576 configurations) took about 1.5
+hours. --full skips eager, reference and compile where one measurement would exceed 5 s
+(--max-seconds) and cuts a fused backend's runs to fit (at least 5), and the table says where. Progress goes to stderr, one line per configuration.
 """
 
 import argparse

@@ -307,10 +307,10 @@ def markdown_table(rows: list[Row]) -> str:
         if row.provider == MODEL_ONLY:
             lines.append(f"| - | {provider} | {median:.1f} ({p20:.1f}-{p80:.1f}) | - | - | 0 | - |")
             continue
-        speedup = eager_step[row.variant] / median
+        speedup = f"{eager_step[row.variant] / median:.2f}x" if row.variant in eager_step else "-"
         lines.append(
             f"| {row.variant} | {provider} | {median:.1f} ({p20:.1f}-{p80:.1f}) | {loss[0]:.2f} | "
-            f"{100 * loss[0] / median:.1f}% | {median - model_only:+.1f} | {speedup:.2f}x |"
+            f"{100 * loss[0] / median:.1f}% | {median - model_only:+.1f} | {speedup} |"
         )
     return "\n".join(lines)
 

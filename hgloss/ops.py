@@ -5,8 +5,8 @@ the same schema, hgloss::triton_heatmap_loss (hgloss/backends/triton.py). `hglos
 returns the reduced loss, the per-plane terms and, when asked, dL/dD for an upstream gradient of
 1, all from one pass. The backward only scales that saved gradient by the upstream gradient, in
 place (`hgloss::scale_gradient_`, which leaves planes whose factor is exactly 1 untouched, as
-after the usual `loss.backward()`). A forward+backward therefore allocates one heatmap-sized buffer, and
-that buffer becomes dL/dpred.
+after the usual `loss.backward()`). A forward+backward therefore allocates one heatmap-sized
+buffer, and that buffer becomes dL/dpred.
 
 A second backward through the same graph (retain_graph=True, as gradcheck does) finds the saved
 buffer consumed and recomputes it with one more forward pass, as does a backward of an op run
