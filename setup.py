@@ -1,7 +1,8 @@
 """Builds hgloss and its extension hgloss._C.
 
 The extension holds the operator schema and the CPU kernel; the CUDA kernels are added when a
-CUDA build of torch and CUDA_HOME are both present. torch must be importable at build time, so
+CUDA build of torch and CUDA_HOME are both present. Without them, the first call on a CUDA tensor
+compiles them just in time (hgloss/backends/_build.py). torch must be importable at build time, so
 install with `pip install --no-build-isolation .` (or `make install`).
 
 Switches (environment variables):
@@ -10,7 +11,6 @@ Switches (environment variables):
   TORCH_CUDA_ARCH_LIST   the GPU architectures to compile for, as torch reads it
 """
 
-import glob
 import importlib.util
 import os
 
@@ -53,11 +53,10 @@ def extensions():
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     extension_class = cpp_extension.CppExtension
     extra_compile_args = {"cxx": cxx_flags}
-    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
-    if cuda_sources and cuda_wanted(torch.version.cuda, cpp_extension.CUDA_HOME):
-        sources += cuda_sources
+    if cuda_wanted(torch.version.cuda, cpp_extension.CUDA_HOME):
+        sources += [os.path.join("csrc", name) for name in build_settings.CUDA_SOURCES]
         extension_class = cpp_extension.CUDAExtension
-        extra_compile_args["nvcc"] = ["-O3", "-std=c++17"]
+        extra_compile_args["nvcc"] = build_settings.cuda_compile_flags()
     ext = extension_class(
         name="hgloss._C",
         sources=sources,

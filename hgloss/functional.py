@@ -7,12 +7,13 @@ input.
 import importlib.util
 import math
 import os
+import warnings
 from numbers import Real
 
 import torch
 
 from . import ops
-from .backends import reference
+from .backends import _build, reference
 
 STENCILS = ("forward", "central", "sobel")
 REDUCTIONS = ("mean", "sum", "none")
@@ -37,7 +38,8 @@ _triton = _load_triton_backend()
 # The operators of the fused backends, all with the schema of hgloss::heatmap_loss.
 _FUSED_OPS = {}
 if ops.HAS_EXTENSION:
-    _FUSED_OPS["cpu"] = torch.ops.hgloss.heatmap_loss
+    # One operator for both: the dispatcher picks the CPU or the CUDA kernel by device.
+    _FUSED_OPS["cpu"] = _FUSED_OPS["cuda"] = torch.ops.hgloss.heatmap_loss
 if _triton is not None:
     _FUSED_OPS["triton"] = torch.ops.hgloss.triton_heatmap_loss
 
@@ -48,6 +50,9 @@ def _runs_on(name: str, device_type: str | None) -> bool:
         return True
     if name == "cpu":
         return ops.HAS_EXTENSION and device_type in (None, "cpu")
+    if name == "cuda":
+        on_cuda = device_type in (None, "cuda") and torch.version.cuda is not None
+        return on_cuda and _build.cuda_failure_reason() is None
     if name == "triton" and _triton is not None:
         on_cuda = torch.cuda.is_available() and device_type in (None, "cuda")
         return on_cuda or (_triton.INTERPRETING and device_type in (None, "cpu"))
@@ -57,6 +62,8 @@ def _runs_on(name: str, device_type: str | None) -> bool:
 def _why_unavailable(backend: str) -> str:
     if backend == "cpu" and not ops.HAS_EXTENSION:
         return " (the C++ extension did not load)"
+    if backend == "cuda":
+        return f" ({_build.cuda_failure_reason() or 'the CUDA kernels run on CUDA tensors only'})"
     if backend == "triton":
         if importlib.util.find_spec("triton") is None:
             return " (triton is not installed)"
@@ -79,11 +86,18 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             )
     if backend == "auto":
         # The interpreter exists for testing Triton kernels; it is never a default for CPU tensors.
-        return next(
+        chosen = next(
             name
             for name in BACKENDS
             if _runs_on(name, device.type) and not (name == "triton" and device.type == "cpu")
         )
+        if chosen == "cuda":
+            try:
+                _build.load_cuda_kernels()
+            except RuntimeError as error:  # the build failed: the next backend, and say why once
+                warnings.warn(f"{error}; falling back", RuntimeWarning, stacklevel=3)
+                return resolve_backend("auto", device)
+        return chosen
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected 'auto' or one of {list(BACKENDS)}")
     if not _runs_on(backend, device.type):
@@ -92,6 +106,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             f"backend {backend!r} is not available for {device.type} tensors; "
             f"available here: {usable}" + _why_unavailable(backend)
         )
+    if backend == "cuda":
+        _build.load_cuda_kernels()
     return backend
 
 

@@ -23,6 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Fused backends and the device each computes on. Every one is tested against "reference".
 FUSED_DEVICES = {
     "cpu": "cpu",
+    "cuda": "cuda",
     "triton": "cuda" if torch.cuda.is_available() else "cpu",
 }
 

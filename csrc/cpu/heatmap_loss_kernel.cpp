@@ -15,9 +15,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <string>
 #include <vector>
 
+#include "../heatmap_loss.h"
 #include "hgloss/stencil.h"
 
 namespace hgloss {
@@ -286,91 +286,52 @@ void run_planes(const PlaneProblem<acc_t>& problem, int64_t num_planes) {
   });
 }
 
-Stencil parse_stencil(c10::string_view name) {
-  if (name == "forward") return Stencil::Forward;
-  if (name == "central") return Stencil::Central;
-  if (name == "sobel") return Stencil::Sobel;
-  TORCH_CHECK_VALUE(false, "hgloss: unknown stencil '", std::string(name),
-                    "'; expected 'forward', 'central' or 'sobel'");
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> heatmap_loss_cpu(
     const at::Tensor& pred, const at::Tensor& target, const std::optional<at::Tensor>& teacher,
     const std::optional<at::Tensor>& alpha, const std::optional<at::Tensor>& weight,
     double mse_weight, double grad_weight, c10::string_view stencil, c10::string_view reduction,
     bool compute_grad) {
-  TORCH_CHECK_VALUE(pred.dim() == 4, "hgloss: pred must be (B, K, H, W), got ", pred.sizes());
-  TORCH_CHECK_VALUE(target.sizes() == pred.sizes(), "hgloss: target ", target.sizes(),
-                    " does not match pred ", pred.sizes());
+  HeatmapLossOutputs out = prepare_heatmap_loss(pred, target, teacher, alpha, weight, stencil, reduction, compute_grad);
   const int64_t B = pred.size(0), K = pred.size(1), H = pred.size(2), W = pred.size(3);
   const bool has_teacher = teacher.has_value();
-  if (has_teacher) {
-    TORCH_CHECK_VALUE(teacher->sizes() == pred.sizes(), "hgloss: teacher ", teacher->sizes(),
-                      " does not match pred ", pred.sizes());
-    TORCH_CHECK_VALUE(alpha.has_value() && alpha->dim() == 1 && alpha->size(0) == B,
-                      "hgloss: a teacher needs a (B,) alpha tensor");
-  }
-  if (weight.has_value()) {
-    TORCH_CHECK_VALUE(weight->dim() == 2 && weight->size(0) == B && weight->size(1) == K,
-                      "hgloss: weight must be (B, K), got ", weight->sizes());
-  }
-  const bool mean = reduction == "mean";
-  TORCH_CHECK_VALUE(mean || reduction == "sum" || reduction == "none", "hgloss: unknown reduction '",
-                    std::string(reduction), "'");
-  const Stencil stencil_kind = parse_stencil(stencil);
-
-  const auto acc_type = pred.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const auto acc_options = pred.options().dtype(acc_type);
-  at::Tensor terms = at::empty({B, K}, acc_options);
-  at::Tensor plane_losses = at::empty({B, K}, acc_options);
-  // A bfloat16 pred gets its gradient in bfloat16, the dtype it is returned in, so no float32
-  // copy is kept. A float16 one keeps float32: a loss-scaled (GradScaler) backward multiplies
-  // it by up to 2^16, and float16 would have flushed the small values to zero before that.
-  const auto grad_type = pred.scalar_type() == at::kBFloat16 ? at::kBFloat16 : acc_type;
-  at::Tensor grad =
-      at::empty(compute_grad ? at::IntArrayRef{B, K, H, W} : at::IntArrayRef{0}, pred.options().dtype(grad_type));
-  at::Tensor alpha_acc = has_teacher ? alpha->to(acc_type).contiguous() : at::Tensor();
-  at::Tensor weight_acc = weight.has_value() ? weight->to(acc_type).contiguous() : at::Tensor();
-
   if (B * K > 0) {
-    AT_DISPATCH_FLOATING_TYPES(acc_type, "hgloss_heatmap_loss_cpu", [&] {
+    AT_DISPATCH_FLOATING_TYPES(out.acc_type, "hgloss_heatmap_loss_cpu", [&] {
       PlaneProblem<scalar_t> problem;
       problem.pred = StridedInput::of(pred);
       problem.target = StridedInput::of(target);
       problem.has_teacher = has_teacher;
       if (has_teacher) {
         problem.teacher = StridedInput::of(*teacher);
-        problem.alpha = alpha_acc.data_ptr<scalar_t>();
+        problem.alpha = out.alpha.data_ptr<scalar_t>();
       }
       problem.num_joints = K;
       problem.height = H;
       problem.width = W;
       problem.mse_weight = static_cast<scalar_t>(mse_weight);
       problem.grad_weight = static_cast<scalar_t>(grad_weight);
-      problem.weight = weight.has_value() ? weight_acc.data_ptr<scalar_t>() : nullptr;
-      problem.reduction_scale = mean ? scalar_t(1) / static_cast<scalar_t>(B * K) : scalar_t(1);
-      problem.terms = terms.data_ptr<scalar_t>();
-      problem.plane_losses = plane_losses.data_ptr<scalar_t>();
-      problem.grad = compute_grad ? grad.data_ptr() : nullptr;
-      problem.grad_dtype = grad_type;
-      switch (stencil_kind) {
+      problem.weight = weight.has_value() ? out.weight.data_ptr<scalar_t>() : nullptr;
+      problem.reduction_scale = out.mean ? scalar_t(1) / static_cast<scalar_t>(B * K) : scalar_t(1);
+      problem.terms = out.terms.data_ptr<scalar_t>();
+      problem.plane_losses = out.plane_losses.data_ptr<scalar_t>();
+      problem.grad = compute_grad ? out.grad.data_ptr() : nullptr;
+      problem.grad_dtype = out.grad.scalar_type();
+      switch (out.stencil) {
         case Stencil::Forward: run_planes<scalar_t, Stencil::Forward>(problem, B * K); break;
         case Stencil::Central: run_planes<scalar_t, Stencil::Central>(problem, B * K); break;
         case Stencil::Sobel: run_planes<scalar_t, Stencil::Sobel>(problem, B * K); break;
       }
     });
   }
-  if (reduction == "none") return {plane_losses, terms, grad};
+  if (!out.reduce) return {out.loss, out.terms, out.grad};
 
   // The plane losses are added in index order by one thread: deterministic.
-  at::Tensor loss = at::empty({}, acc_options);
-  AT_DISPATCH_FLOATING_TYPES(acc_type, "hgloss_reduce_cpu", [&] {
-    const scalar_t* values = plane_losses.data_ptr<scalar_t>();
+  AT_DISPATCH_FLOATING_TYPES(out.acc_type, "hgloss_reduce_cpu", [&] {
+    const scalar_t* values = out.plane_losses.data_ptr<scalar_t>();
     scalar_t total = 0;
     for (int64_t i = 0; i < B * K; ++i) total += values[i];
-    loss.fill_(mean ? (B * K > 0 ? total / static_cast<scalar_t>(B * K) : scalar_t(0)) : total);
+    out.loss.fill_(out.mean ? (B * K > 0 ? total / static_cast<scalar_t>(B * K) : scalar_t(0)) : total);
   });
-  return {loss, terms, grad};
+  return {out.loss, out.terms, out.grad};
 }
 
 template <typename value_t, typename factor_t>

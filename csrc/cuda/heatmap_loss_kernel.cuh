@@ -1,0 +1,400 @@
+// CUDA kernels of hgloss::heatmap_loss: raw pointers, no torch headers.
+//
+// One block of kThreads threads owns one tile of one plane (b, k). A plane whose D, Ax and Ay fit
+// the shared-memory budget (tile_plan.h) is one tile: the block stages it whole. Larger planes are
+// cut into tiles that stage D with a halo of 2 pixels and the maps with a ring of 1, so no block
+// waits for another. The block works in three phases separated by barriers:
+//   1. D = P - ((1 - a) G + a S) into shared memory, sum D^2 over the tile;
+//   2. Ax, Ay over the tile and its ring into shared memory (0 where undefined, inside the plane
+//      or not), sum Ax^2 + Ay^2 over the tile;
+//   3. dL/dD = c w (2 mu/(H W) D + 2 lambda/(Nx+Ny) (Ax^T Ax + Ay^T Ay) D) over the tile,
+//      gathered through the adjoint taps of stencil.h, written once.
+// Per pixel the kernel reads P, G (and S) from global memory once, plus the halo for tiled
+// planes, and writes dL/dD once; T, D, Ax and Ay only ever live in shared memory. The tile's sums
+// are reduced in a fixed order inside the block. A whole-plane block writes the plane's terms
+// directly; tiles write their partial sums, which finish_kernel adds in tile order. Nothing uses
+// floating-point atomics, so results are bit-identical run to run.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <climits>
+#include <type_traits>
+
+#include "heatmap_loss_kernel.h"
+
+namespace hgloss {
+namespace cuda {
+
+constexpr int kThreads = 256;
+// Pixels per thread per step on the vectorised path: 16 bytes of float32, 8 of half, 32 of double.
+constexpr int kVector = 4;
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Packed {
+  T values[N];
+};
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t to_acc(float x) {
+  return static_cast<acc_t>(x);
+}
+template <typename acc_t>
+__device__ __forceinline__ acc_t to_acc(double x) {
+  return static_cast<acc_t>(x);
+}
+template <typename acc_t>
+__device__ __forceinline__ acc_t to_acc(__half x) {
+  return static_cast<acc_t>(__half2float(x));
+}
+template <typename acc_t>
+__device__ __forceinline__ acc_t to_acc(__nv_bfloat16 x) {
+  return static_cast<acc_t>(__bfloat162float(x));
+}
+
+template <typename out_t, typename acc_t>
+__device__ __forceinline__ out_t from_acc(acc_t x) {
+  if constexpr (std::is_same<out_t, __nv_bfloat16>::value) {
+    return __float2bfloat16_rn(static_cast<float>(x));
+  } else {
+    return static_cast<out_t>(x);
+  }
+}
+
+// Inputs that share one storage type: typed loads, vectorisable.
+template <typename in_t, typename acc_t_>
+struct SameTypeInputs {
+  using acc_t = acc_t_;
+  using storage_t = in_t;
+  static constexpr bool kVectorizable = true;
+  __device__ static acc_t load(const InputView& in, int64_t offset) {
+    return to_acc<acc_t>(static_cast<const in_t*>(in.data)[offset]);
+  }
+};
+
+// Inputs of different storage types (say a bfloat16 pred and a float32 target): the type is
+// switched on per load, a branch every thread of the grid takes the same way.
+template <typename acc_t_>
+struct MixedTypeInputs {
+  using acc_t = acc_t_;
+  static constexpr bool kVectorizable = false;
+  __device__ static acc_t load(const InputView& in, int64_t offset) {
+    switch (in.dtype) {
+      case DType::Half: return to_acc<acc_t>(static_cast<const __half*>(in.data)[offset]);
+      case DType::BFloat16: return to_acc<acc_t>(static_cast<const __nv_bfloat16*>(in.data)[offset]);
+      case DType::Float: return to_acc<acc_t>(static_cast<const float*>(in.data)[offset]);
+      default: return to_acc<acc_t>(static_cast<const double*>(in.data)[offset]);
+    }
+  }
+};
+
+// What the loss kernel needs, with the scalars already in the accumulation dtype.
+template <typename acc_t>
+struct LossKernelArgs {
+  InputView pred, target, teacher;
+  const acc_t* alpha;   // (B,), with a teacher
+  const acc_t* weight;  // (B*K,) or null
+  int64_t joints, height, width;
+  acc_t value_scale;  // mse_weight / (H W)
+  acc_t map_scale;    // grad_weight / (Nx + Ny), 0 when Nx + Ny = 0
+  acc_t grad_scale;   // 1 / (B K) for "mean", else 1: dL/dD is for an upstream gradient of 1
+  void* grad;         // contiguous (B*K*H*W,) in out_t, or null
+  acc_t* terms;
+  acc_t* plane_losses;
+  acc_t* partials;  // (B*K*tiles, 2) sums of D^2 and of Ax^2 + Ay^2 per tile, when tiled
+  TilePlan plan;
+};
+
+// Calls visit(row, col) for the cells of a rows x cols block that this thread owns: cells
+// first, first + step, ... in row-major order. One division to start, none per cell.
+template <typename Visit>
+__device__ __forceinline__ void for_each_cell(int rows, int cols, int first, int step, Visit&& visit) {
+  int row = first / cols, col = first % cols;
+  const int step_rows = step / cols, step_cols = step % cols;
+  while (row < rows) {
+    visit(row, col);
+    row += step_rows;
+    col += step_cols;
+    if (col >= cols) {
+      col -= cols;
+      ++row;
+    }
+  }
+}
+
+// Two sums over a block of Threads threads, in a fixed order; the results are valid in thread 0.
+template <int Threads, typename acc_t>
+__device__ __forceinline__ void block_sum2(acc_t& first, acc_t& second) {
+  static_assert(Threads % 32 == 0 && Threads <= 1024, "whole warps, at most 32 of them");
+  __shared__ acc_t warp_sums[2][Threads / 32];
+  for (int offset = 16; offset > 0; offset /= 2) {
+    first += __shfl_down_sync(0xffffffffu, first, offset);
+    second += __shfl_down_sync(0xffffffffu, second, offset);
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) {
+    warp_sums[0][warp] = first;
+    warp_sums[1][warp] = second;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    first = lane < Threads / 32 ? warp_sums[0][lane] : acc_t(0);
+    second = lane < Threads / 32 ? warp_sums[1][lane] : acc_t(0);
+    for (int offset = 16; offset > 0; offset /= 2) {
+      first += __shfl_down_sync(0xffffffffu, first, offset);
+      second += __shfl_down_sync(0xffffffffu, second, offset);
+    }
+  }
+}
+
+// Phase 1 on any layout: D over the staged region, element by element through the strides.
+template <class Inputs, bool HasTeacher>
+__device__ typename Inputs::acc_t stage_difference(const LossKernelArgs<typename Inputs::acc_t>& args,
+                                                   const TileGeometry& tile, int64_t b, int64_t k,
+                                                   typename Inputs::acc_t alpha, typename Inputs::acc_t* diff) {
+  using acc_t = typename Inputs::acc_t;
+  const int64_t pred_base = b * args.pred.stride_b + k * args.pred.stride_k;
+  const int64_t target_base = b * args.target.stride_b + k * args.target.stride_k;
+  const int64_t teacher_base = HasTeacher ? b * args.teacher.stride_b + k * args.teacher.stride_k : 0;
+  acc_t sum_d2 = 0;
+  for_each_cell(tile.diff_rows, tile.diff_cols, threadIdx.x, kThreads, [&](int r, int c) {
+    const int64_t row = tile.diff_row0 + r, col = tile.diff_col0 + c;
+    const acc_t pred = Inputs::load(args.pred, pred_base + row * args.pred.stride_h + col * args.pred.stride_w);
+    acc_t soft_target =
+        Inputs::load(args.target, target_base + row * args.target.stride_h + col * args.target.stride_w);
+    if constexpr (HasTeacher) {
+      const acc_t teacher =
+          Inputs::load(args.teacher, teacher_base + row * args.teacher.stride_h + col * args.teacher.stride_w);
+      soft_target = (acc_t(1) - alpha) * soft_target + alpha * teacher;
+    }
+    const acc_t d = pred - soft_target;
+    diff[r * tile.diff_cols + c] = d;
+    if (tile.owns(row, col)) sum_d2 += d * d;
+  });
+  return sum_d2;
+}
+
+// Phase 1 on a whole contiguous plane whose base is aligned: kVector pixels per load.
+template <class Inputs, bool HasTeacher>
+__device__ typename Inputs::acc_t stage_difference_vectorized(const LossKernelArgs<typename Inputs::acc_t>& args,
+                                                              int64_t b, int64_t k, typename Inputs::acc_t alpha,
+                                                              typename Inputs::acc_t* diff) {
+  using acc_t = typename Inputs::acc_t;
+  using in_t = typename Inputs::storage_t;
+  using Vec = Packed<in_t, kVector>;
+  const int size = static_cast<int>(args.height * args.width);
+  const in_t* pred = static_cast<const in_t*>(args.pred.data) + b * args.pred.stride_b + k * args.pred.stride_k;
+  const in_t* target =
+      static_cast<const in_t*>(args.target.data) + b * args.target.stride_b + k * args.target.stride_k;
+  const in_t* teacher =
+      HasTeacher ? static_cast<const in_t*>(args.teacher.data) + b * args.teacher.stride_b + k * args.teacher.stride_k
+                 : nullptr;
+  acc_t sum_d2 = 0;
+#pragma unroll 2
+  for (int n = threadIdx.x * kVector; n < size; n += kThreads * kVector) {
+    const Vec p = *reinterpret_cast<const Vec*>(pred + n);
+    const Vec g = *reinterpret_cast<const Vec*>(target + n);
+    Vec s;
+    if constexpr (HasTeacher) s = *reinterpret_cast<const Vec*>(teacher + n);
+#pragma unroll
+    for (int e = 0; e < kVector; ++e) {
+      acc_t soft_target = to_acc<acc_t>(g.values[e]);
+      if constexpr (HasTeacher) soft_target = (acc_t(1) - alpha) * soft_target + alpha * to_acc<acc_t>(s.values[e]);
+      const acc_t d = to_acc<acc_t>(p.values[e]) - soft_target;
+      diff[n + e] = d;
+      sum_d2 += d * d;
+    }
+  }
+  return sum_d2;
+}
+
+// Phase 2: Ax and Ay over the tile and its ring; 0 outside their valid ranges, which includes
+// the ring cells outside the plane, so phase 3 gathers without bounds checks.
+template <Stencil S, typename acc_t>
+__device__ acc_t stage_gradient_maps(const TileGeometry& tile, int64_t height, int64_t width, const acc_t* diff,
+                                     acc_t* map_x, acc_t* map_y) {
+  const ValidRange x_valid = x_range<S>(height, width), y_valid = y_range<S>(height, width);
+  acc_t sum_map2 = 0;
+  for_each_cell(tile.map_rows, tile.map_cols, threadIdx.x, kThreads, [&](int r, int c) {
+    const int64_t row = tile.row0 - kMapRing + r, col = tile.col0 - kMapRing + c;
+    const int centre = static_cast<int>((row - tile.diff_row0) * tile.diff_cols + (col - tile.diff_col0));
+    acc_t ax = 0, ay = 0;
+    if (x_valid.contains(row, col)) {
+      for_each_tap<S, true>([&](int u, int v, double tap) { ax += acc_t(tap) * diff[centre + u * tile.diff_cols + v]; });
+    }
+    if (y_valid.contains(row, col)) {
+      for_each_tap<S, false>([&](int u, int v, double tap) { ay += acc_t(tap) * diff[centre + u * tile.diff_cols + v]; });
+    }
+    map_x[r * tile.map_cols + c] = ax;
+    map_y[r * tile.map_cols + c] = ay;
+    if (tile.owns(row, col)) sum_map2 += ax * ax + ay * ay;
+  });
+  return sum_map2;
+}
+
+// Phase 3 at one pixel of the tile, (r, c) in tile coordinates: value_coef D + map_coef (A^T A D).
+template <Stencil S, typename acc_t>
+__device__ __forceinline__ acc_t gradient_at(const TileGeometry& tile, int r, int c, const acc_t* diff,
+                                             const acc_t* map_x, const acc_t* map_y, acc_t value_coef,
+                                             acc_t map_coef) {
+  const int map_centre = (r + static_cast<int>(kMapRing)) * tile.map_cols + c + static_cast<int>(kMapRing);
+  acc_t back = 0;
+  for_each_tap<S, true>([&](int u, int v, double tap) { back += acc_t(tap) * map_x[map_centre - u * tile.map_cols - v]; });
+  for_each_tap<S, false>([&](int u, int v, double tap) { back += acc_t(tap) * map_y[map_centre - u * tile.map_cols - v]; });
+  const int64_t diff_index = (tile.row0 + r - tile.diff_row0) * tile.diff_cols + (tile.col0 + c - tile.diff_col0);
+  return value_coef * diff[diff_index] + map_coef * back;
+}
+
+template <Stencil S, class Inputs, typename out_t, bool Vectorized>
+__global__ void __launch_bounds__(kThreads) heatmap_loss_kernel(const LossKernelArgs<typename Inputs::acc_t> args) {
+  using acc_t = typename Inputs::acc_t;
+  extern __shared__ __align__(16) unsigned char shared_bytes[];
+  const TilePlan& plan = args.plan;
+  acc_t* diff = reinterpret_cast<acc_t*>(shared_bytes);
+  acc_t* map_x = diff + plan.diff_rows * plan.diff_cols;
+  acc_t* map_y = map_x + plan.map_rows * plan.map_cols;
+
+  const int64_t work = blockIdx.x;
+  const int64_t plane = work / plan.tiles(), tile_index = work % plan.tiles();
+  const int64_t b = plane / args.joints, k = plane % args.joints;
+  const int64_t height = args.height, width = args.width;
+  const TileGeometry tile(plan, tile_index, height, width);
+  const bool has_teacher = args.teacher.data != nullptr;
+  const acc_t alpha = has_teacher ? args.alpha[b] : acc_t(0);
+  const acc_t weight = args.weight != nullptr ? args.weight[plane] : acc_t(1);
+
+  acc_t sum_d2;
+  if constexpr (Vectorized) {
+    sum_d2 = has_teacher ? stage_difference_vectorized<Inputs, true>(args, b, k, alpha, diff)
+                         : stage_difference_vectorized<Inputs, false>(args, b, k, alpha, diff);
+  } else {
+    sum_d2 = has_teacher ? stage_difference<Inputs, true>(args, tile, b, k, alpha, diff)
+                         : stage_difference<Inputs, false>(args, tile, b, k, alpha, diff);
+  }
+  __syncthreads();
+  acc_t sum_map2 = stage_gradient_maps<S>(tile, height, width, diff, map_x, map_y);
+  __syncthreads();
+
+  if (args.grad != nullptr) {
+    const acc_t plane_scale = args.grad_scale * weight;
+    const acc_t value_coef = 2 * args.value_scale * plane_scale, map_coef = 2 * args.map_scale * plane_scale;
+    out_t* grad = static_cast<out_t*>(args.grad) + plane * height * width;
+    if constexpr (Vectorized) {
+      // The whole plane, flat: kVector consecutive pixels per store, which may wrap a row.
+      const int cols = static_cast<int>(width);
+      for_each_cell(static_cast<int>(height), cols, threadIdx.x * kVector, kThreads * kVector, [&](int r, int c) {
+        const int first = r * cols + c;
+        Packed<out_t, kVector> out;
+#pragma unroll
+        for (int e = 0; e < kVector; ++e) {
+          out.values[e] = from_acc<out_t>(gradient_at<S>(tile, r, c, diff, map_x, map_y, value_coef, map_coef));
+          if (++c == cols) {
+            c = 0;
+            ++r;
+          }
+        }
+        *reinterpret_cast<Packed<out_t, kVector>*>(grad + first) = out;
+      });
+    } else {
+      for_each_cell(tile.rows, tile.cols, threadIdx.x, kThreads, [&](int r, int c) {
+        grad[(tile.row0 + r) * width + tile.col0 + c] =
+            from_acc<out_t>(gradient_at<S>(tile, r, c, diff, map_x, map_y, value_coef, map_coef));
+      });
+    }
+  }
+
+  block_sum2<kThreads>(sum_d2, sum_map2);
+  if (threadIdx.x == 0) {
+    if (plan.whole_plane()) {
+      const acc_t terms = args.value_scale * sum_d2 + args.map_scale * sum_map2;
+      args.terms[plane] = terms;
+      args.plane_losses[plane] = weight * terms;
+    } else {
+      args.partials[2 * work] = sum_d2;
+      args.partials[2 * work + 1] = sum_map2;
+    }
+  }
+}
+
+// mse_weight / (H W) and grad_weight / (Nx + Ny) (0 when Nx + Ny = 0) in the accumulation
+// dtype. The loss kernel and the final pass both use these, so whole and tiled planes agree.
+template <typename acc_t>
+void plane_scales(const LossProblem& problem, acc_t* value_scale, acc_t* map_scale) {
+  const int64_t height = problem.height, width = problem.width;
+  int64_t grad_count = 0;
+  switch (problem.stencil) {
+    case Stencil::Forward: grad_count = gradient_count<Stencil::Forward>(height, width); break;
+    case Stencil::Central: grad_count = gradient_count<Stencil::Central>(height, width); break;
+    case Stencil::Sobel: grad_count = gradient_count<Stencil::Sobel>(height, width); break;
+  }
+  *value_scale = static_cast<acc_t>(problem.mse_weight) / static_cast<acc_t>(height * width);
+  *map_scale = grad_count > 0 ? static_cast<acc_t>(problem.grad_weight) / static_cast<acc_t>(grad_count) : acc_t(0);
+}
+
+template <Stencil S, class Inputs, typename out_t>
+cudaError_t launch_loss_kernel(const LossProblem& problem, const LossPlan& plan, void* partials,
+                               cudaStream_t stream) {
+  using acc_t = typename Inputs::acc_t;
+  LossKernelArgs<acc_t> args;
+  args.pred = problem.pred;
+  args.target = problem.target;
+  args.teacher = problem.teacher;
+  args.alpha = static_cast<const acc_t*>(problem.alpha);
+  args.weight = static_cast<const acc_t*>(problem.weight);
+  args.joints = problem.joints;
+  args.height = problem.height;
+  args.width = problem.width;
+  plane_scales(problem, &args.value_scale, &args.map_scale);
+  args.grad_scale =
+      problem.reduction == Reduction::Mean ? acc_t(1) / static_cast<acc_t>(problem.planes()) : acc_t(1);
+  args.grad = problem.grad;
+  args.terms = static_cast<acc_t*>(problem.terms);
+  args.plane_losses = static_cast<acc_t*>(problem.plane_losses);
+  args.partials = static_cast<acc_t*>(partials);
+  args.plan = plan.tiles;
+
+  const int64_t blocks = problem.planes() * plan.tiles.tiles();
+  if (blocks > INT_MAX) return cudaErrorInvalidConfiguration;
+  void (*kernel)(LossKernelArgs<acc_t>) = heatmap_loss_kernel<S, Inputs, out_t, false>;
+  if constexpr (Inputs::kVectorizable) {
+    if (plan.vectorized) kernel = heatmap_loss_kernel<S, Inputs, out_t, true>;
+  }
+  const size_t shared = static_cast<size_t>(plan.tiles.shared_bytes);
+  if (shared > 48 * 1024) {
+    const cudaError_t error =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared));
+    if (error != cudaSuccess) return error;
+  }
+  kernel<<<static_cast<unsigned int>(blocks), kThreads, shared, stream>>>(args);
+  return cudaGetLastError();
+}
+
+// Launches the loss kernel for stencil S on every tile of every plane, picking the kernel for the
+// inputs' dtypes. Instantiated once per stencil, in heatmap_loss_<stencil>.cu, so that the three
+// compile in parallel.
+template <Stencil S>
+cudaError_t launch_loss_tiles(const LossProblem& problem, const LossPlan& plan, void* partials, cudaStream_t stream) {
+  const DType pred = problem.pred.dtype;
+  const bool same_type = problem.target.dtype == pred && (problem.teacher.data == nullptr || problem.teacher.dtype == pred);
+  if (same_type) {
+    switch (pred) {
+      case DType::Half: return launch_loss_kernel<S, SameTypeInputs<__half, float>, float>(problem, plan, partials, stream);
+      case DType::BFloat16:
+        return launch_loss_kernel<S, SameTypeInputs<__nv_bfloat16, float>, __nv_bfloat16>(problem, plan, partials, stream);
+      case DType::Float: return launch_loss_kernel<S, SameTypeInputs<float, float>, float>(problem, plan, partials, stream);
+      case DType::Double:
+        return launch_loss_kernel<S, SameTypeInputs<double, double>, double>(problem, plan, partials, stream);
+    }
+  }
+  switch (pred) {
+    case DType::Double: return launch_loss_kernel<S, MixedTypeInputs<double>, double>(problem, plan, partials, stream);
+    case DType::BFloat16:
+      return launch_loss_kernel<S, MixedTypeInputs<float>, __nv_bfloat16>(problem, plan, partials, stream);
+    default: return launch_loss_kernel<S, MixedTypeInputs<float>, float>(problem, plan, partials, stream);
+  }
+}
+
+}  // namespace cuda
+}  // namespace hgloss

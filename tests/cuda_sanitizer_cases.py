@@ -1,0 +1,77 @@
+"""Runs the CUDA backend once on each kind of launch it has, forward and backward, so that
+compute-sanitizer can watch every kernel: the vectorised, strided and tiled loss kernels in each
+dtype and stencil, one-pixel-wide and empty planes, the final reduction and the gradient scaling.
+
+    compute-sanitizer --tool memcheck python tests/cuda_sanitizer_cases.py
+    compute-sanitizer --tool racecheck python tests/cuda_sanitizer_cases.py
+
+Small shapes: the sanitizer slows kernels down a hundredfold. Exits non-zero if a result is not
+finite (an uninitialised read would usually show as one).
+"""
+
+import itertools
+import sys
+
+import torch
+
+import hgloss
+
+SHAPES = {
+    "whole-plane": (2, 5, 64, 48),
+    "odd-whole-plane": (2, 3, 13, 7),
+    "tiled": (1, 2, 300, 200),
+    "row": (2, 3, 1, 3000),
+    "column": (2, 3, 3000, 1),
+    "pixel": (3, 2, 1, 1),
+    "empty": (0, 17, 64, 48),
+}
+LAYOUTS = ("contiguous", "transposed", "misaligned")
+DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def laid_out(values: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "transposed":
+        return values.transpose(2, 3).contiguous().transpose(2, 3)
+    if layout == "misaligned":
+        shifted = torch.empty(values.numel() + 1, dtype=values.dtype, device=values.device)[1:]
+        return shifted.view(values.shape).copy_(values)
+    return values
+
+
+def run_case(shape, dtype, layout, stencil, teacher, reduction, target_dtype=None) -> bool:
+    pred = laid_out(torch.rand(shape, device="cuda", dtype=dtype), layout).requires_grad_(True)
+    target = laid_out(torch.rand(shape, device="cuda", dtype=target_dtype or dtype), layout)
+    extra = {}
+    if teacher:
+        extra = {"teacher": torch.rand(shape, device="cuda", dtype=dtype), "alpha": torch.rand(shape[0], device="cuda")}
+    weight = torch.rand(shape[:2], device="cuda")
+    loss = hgloss.heatmap_gradient_loss(
+        pred, target, weight, stencil=stencil, reduction=reduction, backend="cuda", **extra
+    )
+    upstream = torch.randn_like(loss) if reduction == "none" else torch.tensor(0.5, device="cuda")
+    loss.backward(upstream)
+    torch.cuda.synchronize()
+    return bool(torch.isfinite(loss).all() and torch.isfinite(pred.grad).all())
+
+
+def main() -> int:
+    cases = failures = 0
+    for (name, shape), stencil in itertools.product(SHAPES.items(), ("forward", "central", "sobel")):
+        for dtype, layout in itertools.product(DTYPES, LAYOUTS):
+            if name != "whole-plane" and (dtype, layout) != (torch.float32, "contiguous"):
+                continue  # every dtype and layout on the whole-plane path; float32 elsewhere
+            for teacher, reduction in ((True, "mean"), (False, "none")):
+                cases += 1
+                if not run_case(shape, dtype, layout, stencil, teacher, reduction):
+                    failures += 1
+                    print(f"non-finite result: {name} {dtype} {layout} {stencil} teacher={teacher} {reduction}")
+        cases += 1
+        if not run_case(shape, torch.bfloat16, "contiguous", stencil, True, "sum", target_dtype=torch.float32):
+            failures += 1
+            print(f"non-finite result: {name} mixed bfloat16/float32 {stencil}")
+    print(f"{cases} cases, {failures} with non-finite results")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
