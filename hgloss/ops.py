@@ -1,12 +1,13 @@
 """Custom-operator glue for the fused backends: fake implementations and autograd.
 
-The C++ backends' schema and kernels are in csrc/; the Triton backend defines an operator with
-the same schema, hgloss::triton_heatmap_loss (hgloss/backends/triton.py). `hgloss::heatmap_loss`
-returns the reduced loss, the per-plane terms and, when asked, dL/dD for an upstream gradient of
-1, all from one pass. The backward only scales that saved gradient by the upstream gradient, in
-place (`hgloss::scale_gradient_`, which leaves planes whose factor is exactly 1 untouched, as
-after the usual `loss.backward()`). A forward+backward therefore allocates one heatmap-sized
-buffer, and that buffer becomes dL/dpred.
+The C++ backends' schema, kernels and autograd are in csrc/ (the autograd in
+csrc/autograd/heatmap_loss_autograd.cpp, so that eager calls cost no Python); the Triton backend
+defines an operator with the same schema, hgloss::triton_heatmap_loss (hgloss/backends/triton.py),
+whose autograd is registered here with the same behaviour. Each operator returns the reduced
+loss, the per-plane terms and, when asked, dL/dD for an upstream gradient of 1, all from one
+pass. The backward only scales that saved gradient by the upstream gradient, in place (leaving
+planes whose factor is exactly 1 untouched, as after the usual `loss.backward()`). A
+forward+backward therefore allocates one heatmap-sized buffer, and that buffer becomes dL/dpred.
 
 A second backward through the same graph (retain_graph=True, as gradcheck does) finds the saved
 buffer consumed and recomputes it with one more forward pass, as does a backward of an op run
@@ -120,7 +121,6 @@ def _backward(ctx, grad_loss, _grad_of_terms, _grad_of_saved_gradient):
 if HAS_EXTENSION:
     torch.library.register_fake("hgloss::heatmap_loss")(fake_heatmap_loss)
     torch.library.register_fake("hgloss::scale_gradient_")(_fake_scale_gradient_)
-    register_fused_autograd("hgloss::heatmap_loss", torch.ops.hgloss.heatmap_loss, torch.ops.hgloss.scale_gradient_)
 
 
 def fused_heatmap_loss(op, pred, target, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction):

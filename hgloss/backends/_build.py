@@ -20,7 +20,11 @@ import warnings
 
 _CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "csrc")
 # Relative to csrc/. setup.py builds the same sources with the same flags.
-CPU_SOURCES = ("heatmap_loss.cpp", os.path.join("cpu", "heatmap_loss_kernel.cpp"))
+CPU_SOURCES = (
+    "heatmap_loss.cpp",
+    os.path.join("autograd", "heatmap_loss_autograd.cpp"),
+    os.path.join("cpu", "heatmap_loss_kernel.cpp"),
+)
 # The torch binding and the torch-free kernels, one file per stencil so that they compile in parallel.
 CUDA_SOURCES = tuple(
     os.path.join("cuda", name)
@@ -101,7 +105,9 @@ def load_extension() -> bool:
 def _has_required_operators() -> bool:
     import torch
 
-    return all(hasattr(torch.ops.hgloss, name) for name in REQUIRED_OPERATORS)
+    return all(hasattr(torch.ops.hgloss, name) for name in REQUIRED_OPERATORS) and (
+        torch._C._dispatch_has_kernel_for_dispatch_key("hgloss::heatmap_loss", "Autograd")
+    )
 
 
 def _warn(reason: str) -> None:
