@@ -48,6 +48,7 @@ def gpu_without_cuda_kernels(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(_build, "cuda_kernels_registered", lambda: False)
     monkeypatch.setattr(_build, "_cuda_failure", None)
+    monkeypatch.setattr(_build, "_cuda_ready", False)
 
 
 @needs_extension

@@ -29,6 +29,9 @@ namespace hgloss {
 namespace cuda {
 
 constexpr int kThreads = 256;
+// Five blocks per multiprocessor is what shared memory allows for a COCO plane in float32
+// (tile_plan.h); registers must not allow fewer.
+constexpr int kMinBlocksPerMultiprocessor = 5;
 // Pixels per thread per step on the vectorised path: 16 bytes of float32, 8 of half, 32 of double.
 constexpr int kVector = 4;
 
@@ -149,6 +152,31 @@ __device__ __forceinline__ void block_sum2(acc_t& first, acc_t& second) {
   }
 }
 
+// A rectangle of plane positions in a block's local coordinates (0-based, clipped to
+// [0, limit]), tested with two unsigned compares: the per-cell loops below avoid 64-bit
+// arithmetic.
+struct LocalRange {
+  int row0, rows, col0, cols;
+
+  __device__ LocalRange(const ValidRange& range, int64_t origin_row, int64_t origin_col, int row_limit,
+                        int col_limit) {
+    const int64_t first_row = clip(range.row_begin - origin_row, row_limit);
+    const int64_t first_col = clip(range.col_begin - origin_col, col_limit);
+    row0 = static_cast<int>(first_row);
+    col0 = static_cast<int>(first_col);
+    rows = static_cast<int>(max(clip(range.row_end - origin_row, row_limit) - first_row, int64_t(0)));
+    cols = static_cast<int>(max(clip(range.col_end - origin_col, col_limit) - first_col, int64_t(0)));
+  }
+
+  __device__ bool contains(int row, int col) const {
+    return static_cast<unsigned>(row - row0) < static_cast<unsigned>(rows) &&
+           static_cast<unsigned>(col - col0) < static_cast<unsigned>(cols);
+  }
+
+ private:
+  __device__ static int64_t clip(int64_t value, int limit) { return min(max(value, int64_t(0)), int64_t(limit)); }
+};
+
 // Phase 1 on any layout: D over the staged region, element by element through the strides.
 template <class Inputs, bool HasTeacher>
 __device__ typename Inputs::acc_t stage_difference(const LossKernelArgs<typename Inputs::acc_t>& args,
@@ -158,6 +186,8 @@ __device__ typename Inputs::acc_t stage_difference(const LossKernelArgs<typename
   const int64_t pred_base = b * args.pred.stride_b + k * args.pred.stride_k;
   const int64_t target_base = b * args.target.stride_b + k * args.target.stride_k;
   const int64_t teacher_base = HasTeacher ? b * args.teacher.stride_b + k * args.teacher.stride_k : 0;
+  const LocalRange owned(ValidRange{tile.row0, tile.row0 + tile.rows, tile.col0, tile.col0 + tile.cols}, tile.diff_row0,
+                         tile.diff_col0, tile.diff_rows, tile.diff_cols);
   acc_t sum_d2 = 0;
   for_each_cell(tile.diff_rows, tile.diff_cols, threadIdx.x, kThreads, [&](int r, int c) {
     const int64_t row = tile.diff_row0 + r, col = tile.diff_col0 + c;
@@ -171,7 +201,7 @@ __device__ typename Inputs::acc_t stage_difference(const LossKernelArgs<typename
     }
     const acc_t d = pred - soft_target;
     diff[r * tile.diff_cols + c] = d;
-    if (tile.owns(row, col)) sum_d2 += d * d;
+    if (owned.contains(r, c)) sum_d2 += d * d;
   });
   return sum_d2;
 }
@@ -198,57 +228,71 @@ __device__ typename Inputs::acc_t stage_difference_vectorized(const LossKernelAr
     const Vec g = *reinterpret_cast<const Vec*>(target + n);
     Vec s;
     if constexpr (HasTeacher) s = *reinterpret_cast<const Vec*>(teacher + n);
+    Packed<acc_t, kVector> d;
 #pragma unroll
     for (int e = 0; e < kVector; ++e) {
       acc_t soft_target = to_acc<acc_t>(g.values[e]);
       if constexpr (HasTeacher) soft_target = (acc_t(1) - alpha) * soft_target + alpha * to_acc<acc_t>(s.values[e]);
-      const acc_t d = to_acc<acc_t>(p.values[e]) - soft_target;
-      diff[n + e] = d;
-      sum_d2 += d * d;
+      d.values[e] = to_acc<acc_t>(p.values[e]) - soft_target;
+      sum_d2 += d.values[e] * d.values[e];
+    }
+    if constexpr (sizeof(acc_t) == 4) {
+      *reinterpret_cast<Packed<acc_t, kVector>*>(diff + n) = d;  // n % kVector == 0: 16-byte aligned
+    } else {
+#pragma unroll
+      for (int e = 0; e < kVector; ++e) diff[n + e] = d.values[e];
     }
   }
   return sum_d2;
 }
 
-// Phase 2: Ax and Ay over the tile and its ring; 0 outside their valid ranges, which includes
-// the ring cells outside the plane, so phase 3 gathers without bounds checks.
+// Phase 2: Ax and Ay over the tile and its ring, in map coordinates (origin one pixel up and left
+// of the tile); 0 outside their valid ranges, which includes the ring cells outside the plane,
+// so phase 3 gathers without bounds checks.
 template <Stencil S, typename acc_t>
 __device__ acc_t stage_gradient_maps(const TileGeometry& tile, int64_t height, int64_t width, const acc_t* diff,
                                      acc_t* map_x, acc_t* map_y) {
-  const ValidRange x_valid = x_range<S>(height, width), y_valid = y_range<S>(height, width);
+  const int64_t map_row0 = tile.row0 - kMapRing, map_col0 = tile.col0 - kMapRing;
+  const LocalRange x_valid(x_range<S>(height, width), map_row0, map_col0, tile.map_rows, tile.map_cols);
+  const LocalRange y_valid(y_range<S>(height, width), map_row0, map_col0, tile.map_rows, tile.map_cols);
+  const LocalRange owned(ValidRange{tile.row0, tile.row0 + tile.rows, tile.col0, tile.col0 + tile.cols}, map_row0,
+                         map_col0, tile.map_rows, tile.map_cols);
+  const int diff_cols = tile.diff_cols, map_cols = tile.map_cols;
+  // Index in the staged D of map cell (0, 0); with valid taps the sums only read inside D.
+  const int diff_origin = static_cast<int>((map_row0 - tile.diff_row0) * diff_cols + (map_col0 - tile.diff_col0));
   acc_t sum_map2 = 0;
-  for_each_cell(tile.map_rows, tile.map_cols, threadIdx.x, kThreads, [&](int r, int c) {
-    const int64_t row = tile.row0 - kMapRing + r, col = tile.col0 - kMapRing + c;
-    const int centre = static_cast<int>((row - tile.diff_row0) * tile.diff_cols + (col - tile.diff_col0));
+  for_each_cell(tile.map_rows, map_cols, threadIdx.x, kThreads, [&](int r, int c) {
+    const int centre = diff_origin + r * diff_cols + c;
     acc_t ax = 0, ay = 0;
-    if (x_valid.contains(row, col)) {
-      for_each_tap<S, true>([&](int u, int v, double tap) { ax += acc_t(tap) * diff[centre + u * tile.diff_cols + v]; });
+    if (x_valid.contains(r, c)) {
+      for_each_tap<S, true>([&](int u, int v, double tap) { ax += acc_t(tap) * diff[centre + u * diff_cols + v]; });
     }
-    if (y_valid.contains(row, col)) {
-      for_each_tap<S, false>([&](int u, int v, double tap) { ay += acc_t(tap) * diff[centre + u * tile.diff_cols + v]; });
+    if (y_valid.contains(r, c)) {
+      for_each_tap<S, false>([&](int u, int v, double tap) { ay += acc_t(tap) * diff[centre + u * diff_cols + v]; });
     }
-    map_x[r * tile.map_cols + c] = ax;
-    map_y[r * tile.map_cols + c] = ay;
-    if (tile.owns(row, col)) sum_map2 += ax * ax + ay * ay;
+    map_x[r * map_cols + c] = ax;
+    map_y[r * map_cols + c] = ay;
+    if (owned.contains(r, c)) sum_map2 += ax * ax + ay * ay;
   });
   return sum_map2;
 }
 
 // Phase 3 at one pixel of the tile, (r, c) in tile coordinates: value_coef D + map_coef (A^T A D).
+// `diff_origin` is the index in the staged D of the tile's first pixel.
 template <Stencil S, typename acc_t>
-__device__ __forceinline__ acc_t gradient_at(const TileGeometry& tile, int r, int c, const acc_t* diff,
-                                             const acc_t* map_x, const acc_t* map_y, acc_t value_coef,
-                                             acc_t map_coef) {
-  const int map_centre = (r + static_cast<int>(kMapRing)) * tile.map_cols + c + static_cast<int>(kMapRing);
+__device__ __forceinline__ acc_t gradient_at(const TileGeometry& tile, int diff_origin, int r, int c,
+                                             const acc_t* diff, const acc_t* map_x, const acc_t* map_y,
+                                             acc_t value_coef, acc_t map_coef) {
+  const int map_cols = tile.map_cols;
+  const int map_centre = (r + static_cast<int>(kMapRing)) * map_cols + c + static_cast<int>(kMapRing);
   acc_t back = 0;
-  for_each_tap<S, true>([&](int u, int v, double tap) { back += acc_t(tap) * map_x[map_centre - u * tile.map_cols - v]; });
-  for_each_tap<S, false>([&](int u, int v, double tap) { back += acc_t(tap) * map_y[map_centre - u * tile.map_cols - v]; });
-  const int64_t diff_index = (tile.row0 + r - tile.diff_row0) * tile.diff_cols + (tile.col0 + c - tile.diff_col0);
-  return value_coef * diff[diff_index] + map_coef * back;
+  for_each_tap<S, true>([&](int u, int v, double tap) { back += acc_t(tap) * map_x[map_centre - u * map_cols - v]; });
+  for_each_tap<S, false>([&](int u, int v, double tap) { back += acc_t(tap) * map_y[map_centre - u * map_cols - v]; });
+  return value_coef * diff[diff_origin + r * tile.diff_cols + c] + map_coef * back;
 }
 
 template <Stencil S, class Inputs, typename out_t, bool Vectorized>
-__global__ void __launch_bounds__(kThreads) heatmap_loss_kernel(const LossKernelArgs<typename Inputs::acc_t> args) {
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerMultiprocessor) heatmap_loss_kernel(const LossKernelArgs<typename Inputs::acc_t> args) {
   using acc_t = typename Inputs::acc_t;
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   const TilePlan& plan = args.plan;
@@ -281,6 +325,8 @@ __global__ void __launch_bounds__(kThreads) heatmap_loss_kernel(const LossKernel
     const acc_t plane_scale = args.grad_scale * weight;
     const acc_t value_coef = 2 * args.value_scale * plane_scale, map_coef = 2 * args.map_scale * plane_scale;
     out_t* grad = static_cast<out_t*>(args.grad) + plane * height * width;
+    const int diff_origin =
+        static_cast<int>((tile.row0 - tile.diff_row0) * tile.diff_cols + (tile.col0 - tile.diff_col0));
     if constexpr (Vectorized) {
       // The whole plane, flat: kVector consecutive pixels per store, which may wrap a row.
       const int cols = static_cast<int>(width);
@@ -289,7 +335,7 @@ __global__ void __launch_bounds__(kThreads) heatmap_loss_kernel(const LossKernel
         Packed<out_t, kVector> out;
 #pragma unroll
         for (int e = 0; e < kVector; ++e) {
-          out.values[e] = from_acc<out_t>(gradient_at<S>(tile, r, c, diff, map_x, map_y, value_coef, map_coef));
+          out.values[e] = from_acc<out_t>(gradient_at<S>(tile, diff_origin, r, c, diff, map_x, map_y, value_coef, map_coef));
           if (++c == cols) {
             c = 0;
             ++r;
@@ -300,7 +346,7 @@ __global__ void __launch_bounds__(kThreads) heatmap_loss_kernel(const LossKernel
     } else {
       for_each_cell(tile.rows, tile.cols, threadIdx.x, kThreads, [&](int r, int c) {
         grad[(tile.row0 + r) * width + tile.col0 + c] =
-            from_acc<out_t>(gradient_at<S>(tile, r, c, diff, map_x, map_y, value_coef, map_coef));
+            from_acc<out_t>(gradient_at<S>(tile, diff_origin, r, c, diff, map_x, map_y, value_coef, map_coef));
       });
     }
   }

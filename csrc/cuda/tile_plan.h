@@ -91,10 +91,6 @@ struct TileGeometry {
     map_cols = cols + 2 * static_cast<int>(kMapRing);
   }
 
-  HGLOSS_HOST_DEVICE bool owns(int64_t row, int64_t col) const {
-    return row >= row0 && row < row0 + rows && col >= col0 && col < col0 + cols;
-  }
-
  private:
   HGLOSS_HOST_DEVICE static int64_t smaller(int64_t a, int64_t b) { return a < b ? a : b; }
   HGLOSS_HOST_DEVICE static int64_t larger(int64_t a, int64_t b) { return a > b ? a : b; }

@@ -126,6 +126,8 @@ def failure_reason() -> str | None:
 
 
 _cuda_failure: str | None = None
+# Set once the CUDA kernels are known to be registered, so later calls skip every check.
+_cuda_ready = False
 
 
 def _constant_under_compile(function):
@@ -155,6 +157,8 @@ def cuda_failure_reason() -> str | None:
     """Why the CUDA kernels cannot be used here, or None when they can (or can be built)."""
     import torch
 
+    if _cuda_ready:
+        return None
     if not load_extension():
         return f"the C++ extension did not load: {_failure}"
     if torch.version.cuda is None:
@@ -197,11 +201,14 @@ def load_cuda_kernels() -> bool:
     """Registers the CUDA kernels, compiling them on the first call when hgloss._C lacks them.
     Returns True, or raises RuntimeError saying why they are unavailable. Under torch.compile the
     call runs at trace time and its result is a constant of the graph."""
-    global _cuda_failure
+    global _cuda_failure, _cuda_ready
+    if _cuda_ready:
+        return True
     reason = cuda_failure_reason()
     if reason is not None:
         raise RuntimeError(f"hgloss: the CUDA backend is unavailable: {reason}")
     if cuda_kernels_registered():
+        _cuda_ready = True
         return True
     try:
         _compile_cuda_kernels()
@@ -211,4 +218,5 @@ def load_cuda_kernels() -> bool:
     if not cuda_kernels_registered():
         _cuda_failure = "the compiled CUDA library registered no kernel for hgloss::heatmap_loss"
         raise RuntimeError(f"hgloss: {_cuda_failure}")
+    _cuda_ready = True
     return True
