@@ -1,0 +1,109 @@
+"""The reference trainer: a short run with each loss choice, resume after a stop, a 2-process
+DistributedDataParallel run, and configuration errors. Tiny synthetic sets and 64x96 crops keep
+each run to seconds."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from hgloss.pose.training import Trainer, load_config
+
+from conftest import ROOT
+
+TINY = {
+    "synthetic_train": 10, "synthetic_val": 4, "input_size": [64, 96], "heatmap_size": [16, 24], "sigma": 1.0,
+    "model": "simplebaseline_res18_small", "epochs": 1, "batch_size": 4, "workers": 0, "log_every": 1,
+    "progress": False, "lr_steps": [1],
+}  # fmt: skip
+
+
+def run(tmp_path, name, **settings):
+    config = load_config(None, {**TINY, "data_root": str(tmp_path / "data"), "out": str(tmp_path / name), **settings})
+    return Trainer(config).fit(), tmp_path / name
+
+
+def read_log(folder):
+    return [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{"loss": "mse"}, {"loss": "hg", "stencil": "sobel"}, {"loss": "hg+sd", "distill": "replay"},
+     {"loss": "hg+sd", "distill": "snapshot"}],
+    ids=["mse", "hg", "hg+sd-replay", "hg+sd-snapshot"],
+)
+def test_a_short_run_with_each_loss_writes_every_output(tmp_path, settings):
+    metrics, out = run(tmp_path, "run", **settings)
+    for name in ("config.yaml", "log.jsonl", "last.pt", "best.pt", "metrics.json", "curves.png", "predictions.png"):
+        assert (out / name).is_file(), name
+    assert 0.0 <= metrics["AP"] <= 1.0 and json.loads((out / "metrics.json").read_text()) == metrics
+    records = read_log(out)
+    train = [r for r in records if r["kind"] == "train"]
+    assert train and all(r["loss"] > 0 and r["loss"] == r["loss"] for r in train)
+    assert [r["kind"] for r in records].count("val") == 1
+    checkpoint = torch.load(out / "last.pt", weights_only=False)
+    assert checkpoint["epoch"] == 0 and checkpoint["config"]["loss"] == settings["loss"]
+    assert not list(out.glob("*.tmp")), "a checkpoint was left half-written"
+
+
+def test_resume_continues_exactly(tmp_path):
+    settings = {"loss": "hg+sd", "distill": "replay", "epochs": 3, "eval_every": 3, "lr_steps": [2]}
+    _, straight = run(tmp_path, "straight", **settings)
+    run(tmp_path, "stopped", **{**settings, "epochs": 1})
+    config = load_config(None, {**TINY, **settings, "data_root": str(tmp_path / "data"), "out": str(tmp_path / "stopped")})
+    Trainer(config, resume="auto").fit()
+    losses = lambda folder: [(r["step"], r["loss"], r["lr"]) for r in read_log(folder) if r["kind"] == "train"]  # noqa: E731
+    assert losses(tmp_path / "stopped") == losses(straight)
+    resumed = torch.load(tmp_path / "stopped" / "last.pt", weights_only=False)["model"]
+    uninterrupted = torch.load(straight / "last.pt", weights_only=False)["model"]
+    assert all(torch.equal(resumed[key], uninterrupted[key]) for key in uninterrupted)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_two_process_ddp_run(tmp_path):
+    flags = [f"--{key.replace('_', '-')}={','.join(map(str, value)) if isinstance(value, list) else value}"
+             for key, value in TINY.items()]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+               os.path.join(ROOT, "examples", "train_pose.py"), *flags, "--loss", "hg+sd",
+               "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "ddp")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert "2 process(es)" in result.stderr
+    assert "AP=" in result.stdout
+    _, single = run(tmp_path, "single", loss="hg+sd")
+    last_step = lambda folder: max(r["step"] for r in read_log(folder) if r["kind"] == "train")  # noqa: E731
+    # Each rank trains on its half of the data: fewer iterations than one process over all of it.
+    assert last_step(tmp_path / "ddp") < last_step(single)
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(ROOT, "examples", "configs"))))
+def test_shipped_configs_load(name):
+    config = load_config(os.path.join(ROOT, "examples", "configs", name), {})
+    assert config.epochs >= 1 and config.out
+
+
+def test_configuration_errors_are_clear(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown settings \['learning_rate'\]"):
+        load_config(None, {"learning_rate": 0.1})
+    with pytest.raises(ValueError, match=r"loss must be one of \['mse', 'hg', 'hg\+sd'\], got 'l1'"):
+        load_config(None, {"loss": "l1"})
+    with pytest.raises(ValueError, match="dataset 'coco' needs train_images"):
+        load_config(None, {"dataset": "coco"})
+    mismatched = load_config(None, {**TINY, "heatmap_size": [12, 16], "data_root": str(tmp_path / "data"),
+                                    "out": str(tmp_path / "bad")})
+    with pytest.raises(ValueError, match=r"turns 64x96 crops into 16x24 heatmaps, but heatmap_size is 12x16"):
+        Trainer(mismatched)
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "train_pose.py"), "--loss", "l1"],
+                            capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 2 and "train_pose.py: error: loss must be one of" in result.stderr
