@@ -488,12 +488,17 @@ class Trainer:
             lr = self.optimizer.param_groups[0]["lr"]
             bar.set_postfix(loss=f"{losses[-1]:.3g}", lr=f"{lr:.2g}", samples_per_s=f"{rate:.0f}")
             if self.step % config.log_every == 0:
-                self._log({"kind": "train", "epoch": epoch + 1, "step": self.step, "loss": losses[-1], "lr": lr,
-                           "samples_per_s": rate})
+                self._log_step(epoch, losses[-1], lr, rate, output, target)
         if self.step % config.log_every != 0:  # the epoch's last iteration, so every epoch is in the log
-            self._log({"kind": "train", "epoch": epoch + 1, "step": self.step, "loss": losses[-1], "lr": lr,
-                       "samples_per_s": rate})
+            self._log_step(epoch, losses[-1], lr, rate, output, target)
         return losses
+
+    def _log_step(self, epoch: int, loss: float, lr: float, rate: float, output: torch.Tensor,
+                  target: torch.Tensor) -> None:
+        """A train record, with HRNet's PCK of the batch's heatmaps against its targets."""
+        _, pck, _ = evaluation.heatmap_pck(output.detach().float().cpu(), target.cpu())
+        self._log({"kind": "train", "epoch": epoch + 1, "step": self.step, "loss": loss, "lr": lr,
+                   "samples_per_s": rate, "pck": pck})
 
     def fit(self) -> dict[str, float]:
         """Trains from the start (or the resumed epoch) to `epochs`, evaluating every
