@@ -54,7 +54,11 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"train_pose.py: error: {error}", file=sys.stderr)
         return 2
-    metrics = Trainer(config, resume=args.resume).fit()
+    trainer = Trainer(config, resume=args.resume)
+    try:
+        metrics = trainer.fit()
+    finally:
+        trainer.close()
     if metrics:
         print(" ".join(f"{key}={value:.4f}" for key, value in metrics.items()))
     return 0

@@ -738,6 +738,10 @@ def _ddp_worker(rank, world_size, port, out_dir):
         record["weights"] = [p.detach().sum().item() for p in model.parameters()]
         with open(f"{out_dir}/rank{rank}.json", "w") as file:
             json.dump(record, file)
+        # Tear DDP down while the process group still exists: a DDP model destroyed after
+        # destroy_process_group() can leave gloo waiting for a peer that has already gone.
+        dist.barrier()
+        del model, distill, snapshot_distill, optimizer
     finally:
         dist.destroy_process_group()
 

@@ -535,6 +535,14 @@ class Trainer:
             self._say(f"metrics, plots, log and checkpoints are in {self.out.resolve()}")
         return metrics
 
+    def close(self) -> None:
+        """Ends a distributed run: the DDP model is released while the process group still exists,
+        then the group is destroyed (the other order can leave gloo waiting for a peer at exit)."""
+        if self.world > 1 and dist.is_initialized():
+            dist.barrier()
+            self.student = self.distill = None
+            dist.destroy_process_group()
+
     def _plot(self, first_batch: dict) -> None:
         from . import plots
 
