@@ -69,17 +69,22 @@ class LoadReport:
         return f"{self.records} persons; left out: {left_out}"
 
 
+def _read_json(path: str, what: str):
+    """The parsed file, or an error naming it: `what` says which file it is meant to be."""
+    try:
+        with open(path) as handle:
+            return json.load(handle)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid json: {error}") from None
+
+
 def _load_coco(annotation_file: str):
     """A pycocotools COCO object, with unreadable files reported by name."""
     from pycocotools.coco import COCO
 
-    if not os.path.isfile(annotation_file):
-        raise FileNotFoundError(f"annotation file not found: {annotation_file}")
-    try:
-        with open(annotation_file) as handle:
-            data = json.load(handle)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{annotation_file} is not valid json: {error}") from None
+    data = _read_json(annotation_file, "annotation file")
     if not isinstance(data, dict) or not {"images", "annotations", "categories"} <= data.keys():
         raise ValueError(f"{annotation_file} is not a COCO annotation file (needs images, annotations, categories)")
     image_ids = {image["id"] for image in data["images"]}
@@ -120,13 +125,7 @@ def coco_records(
     report = LoadReport()
     records = []
     if detections is not None:
-        try:
-            with open(detections) as handle:
-                results = json.load(handle)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"detection file not found: {detections}") from None
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{detections} is not valid json: {error}") from None
+        results = _read_json(detections, "detection file")
         for number, detection in enumerate(results):
             source = f"{detections}, detection {number}"
             if not {"image_id", "bbox", "score", "category_id"} <= detection.keys():
@@ -185,13 +184,7 @@ def mpii_records(annotation_file: str, image_dir: str, num_joints: int = 16) -> 
     """The persons of an MPII annotation file in HRNet's json layout (image, center, scale,
     joints, joints_vis; MATLAB's 1-based pixels). As in HRNet, the centre moves down by 15 scale
     units and the scale is padded 1.25x; the box is square."""
-    try:
-        with open(annotation_file) as handle:
-            items = json.load(handle)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"annotation file not found: {annotation_file}") from None
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{annotation_file} is not valid json: {error}") from None
+    items = _read_json(annotation_file, "annotation file")
     if not isinstance(items, list):
         raise ValueError(f"{annotation_file} is not an MPII annotation list")
     records = []
