@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from hgloss.pose.codecs import MSRAHeatmap, UDPHeatmap, decode, flip_back, heatmap_to_image
+from hgloss.pose.evaluation import evaluate_coco
 from hgloss.pose.transforms import (
     COCO_FLIP_PAIRS,
     affine_points,
@@ -356,15 +357,7 @@ def round_trip_results(coco, codec, udp: bool, refine: str) -> list[dict]:
 
 
 def keypoint_ap(coco, results: list[dict]) -> float:
-    from pycocotools.cocoeval import COCOeval
-
-    with contextlib.redirect_stdout(io.StringIO()):
-        detections = coco.loadRes(results)
-        evaluation = COCOeval(coco, detections, iouType="keypoints")
-        evaluation.evaluate()
-        evaluation.accumulate()
-        evaluation.summarize()
-    return float(evaluation.stats[0])
+    return evaluate_coco(results, coco)["AP"]
 
 
 @pytest.mark.parametrize(
