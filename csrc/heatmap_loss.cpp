@@ -11,7 +11,7 @@ extern "C" PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(hgloss, m) {
-  // The loss of SPEC section 1 and what its backward needs. Returns
+  // The loss of docs/spec.md section 1 and what its backward needs. Returns
   //   loss:  the reduced loss, a 0-dim tensor ((B, K) plane losses for reduction "none");
   //   terms: (B, K) mse_weight * V + grad_weight * R, before the weight (for dL/dweight);
   //   grad:  dL/dD for an upstream gradient of 1, (B, K, H, W), when compute_grad; else empty.

@@ -1,22 +1,60 @@
-// hgloss::heatmap_loss as every backend's binding sees it: the argument checks, the accumulation
-// dtype and the output tensors, shared by the CPU and CUDA kernels.
+// hgloss::heatmap_loss and hgloss::scale_gradient_ as every C++ binding sees them: the argument
+// checks, the accumulation dtype and the output tensors, shared by the CPU and CUDA kernels.
+//
+// The checks are those of hgloss/contract.py (docs/spec.md section 2) with the same messages, so
+// that a direct torch.ops call fails the same way on every backend and before any kernel reads
+// memory; tests/test_operators.py calls every fused operator with the same bad arguments.
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <optional>
+#include <sstream>
 #include <string>
 
 #include "hgloss/stencil.h"
 
 namespace hgloss {
 
+// A shape as Python prints a tuple: (2, 3, 6, 5), (2,), ().
+inline std::string shape_string(at::IntArrayRef sizes) {
+  std::ostringstream out;
+  out << "(";
+  for (size_t i = 0; i < sizes.size(); ++i) out << (i ? ", " : "") << sizes[i];
+  out << (sizes.size() == 1 ? ",)" : ")");
+  return out.str();
+}
+
+// A dtype as Python prints it: torch.float32.
+inline std::string dtype_string(at::ScalarType type) {
+  return "torch." + std::string(c10::getDtypeNames(type).first);
+}
+
+inline void check_dtype(const at::Tensor& tensor, const char* name) {
+  const auto type = tensor.scalar_type();
+  TORCH_CHECK_TYPE(type == at::kHalf || type == at::kBFloat16 || type == at::kFloat || type == at::kDouble, name,
+                   " must have a floating dtype (float16, bfloat16, float32 or float64), got ", dtype_string(type));
+}
+
+// A float as Python prints it where the messages need it: -1.0, 0.5, nan, inf.
+inline std::string float_string(double value) {
+  std::ostringstream out;
+  out << value;
+  if (std::isfinite(value) && value == std::floor(value) && std::fabs(value) < 1e16) out << ".0";
+  return out.str();
+}
+
+inline void check_term_weight(double value, const char* name) {
+  // NaN fails the comparison too.
+  TORCH_CHECK_VALUE(value >= 0 && std::isfinite(value), name, " must be finite and >= 0, got ", float_string(value));
+}
+
 inline Stencil parse_stencil(c10::string_view name) {
   if (name == "forward") return Stencil::Forward;
   if (name == "central") return Stencil::Central;
   if (name == "sobel") return Stencil::Sobel;
-  TORCH_CHECK_VALUE(false, "hgloss: unknown stencil '", std::string(name),
-                    "'; expected 'forward', 'central' or 'sobel'");
+  TORCH_CHECK_VALUE(false, "unknown stencil '", std::string(name), "'; expected one of ['forward', 'central', 'sobel']");
 }
 
 struct HeatmapLossOutputs {
@@ -30,46 +68,94 @@ struct HeatmapLossOutputs {
   at::Tensor alpha, weight;    // contiguous, in acc_type; undefined when not given
 };
 
-// Checks what the Python front end guarantees but a direct torch.ops call may not, then allocates
-// the outputs on pred's device.
-inline HeatmapLossOutputs prepare_heatmap_loss(const at::Tensor& pred, const at::Tensor& target,
-                                               const std::optional<at::Tensor>& teacher,
-                                               const std::optional<at::Tensor>& alpha,
+// hgloss.contract.check_operator_arguments, in the same order and with the same messages.
+inline void check_heatmap_loss_arguments(const at::Tensor& pred, const at::Tensor& target,
+                                         const std::optional<at::Tensor>& teacher,
+                                         const std::optional<at::Tensor>& alpha,
+                                         const std::optional<at::Tensor>& weight, double mse_weight,
+                                         double grad_weight, c10::string_view stencil, c10::string_view reduction) {
+  check_dtype(pred, "pred");
+  check_dtype(target, "target");
+  if (teacher.has_value()) check_dtype(*teacher, "teacher");
+  if (weight.has_value()) check_dtype(*weight, "weight");
+  if (alpha.has_value()) check_dtype(*alpha, "alpha");
+
+  const bool one_device = target.device() == pred.device() && (!teacher || teacher->device() == pred.device()) &&
+                          (!weight || weight->device() == pred.device()) && (!alpha || alpha->device() == pred.device());
+  if (!one_device) {
+    std::ostringstream listed;
+    listed << "pred on " << pred.device() << ", target on " << target.device();
+    if (teacher) listed << ", teacher on " << teacher->device();
+    if (weight) listed << ", weight on " << weight->device();
+    if (alpha) listed << ", alpha on " << alpha->device();
+    TORCH_CHECK_VALUE(false, "all tensors must be on one device, got ", listed.str());
+  }
+
+  TORCH_CHECK_VALUE(pred.dim() == 4, "pred must be 4-D (B, K, H, W), got shape ", shape_string(pred.sizes()));
+  const int64_t B = pred.size(0), K = pred.size(1), H = pred.size(2), W = pred.size(3);
+  TORCH_CHECK_VALUE(K >= 1 && H >= 1 && W >= 1, "pred must have K, H, W >= 1, got shape ", shape_string(pred.sizes()));
+  TORCH_CHECK_VALUE(target.sizes() == pred.sizes(), "target shape ", shape_string(target.sizes()),
+                    " differs from pred shape ", shape_string(pred.sizes()));
+  if (teacher) {
+    TORCH_CHECK_VALUE(teacher->sizes() == pred.sizes(), "teacher shape ", shape_string(teacher->sizes()),
+                      " differs from pred shape ", shape_string(pred.sizes()));
+  }
+  if (weight) {
+    TORCH_CHECK_VALUE(weight->dim() == 2 && weight->size(0) == B && weight->size(1) == K, "weight shape ",
+                      shape_string(weight->sizes()), " is not one of [(", B, ", ", K, ")] for pred shape ",
+                      shape_string(pred.sizes()));
+  }
+  if (alpha) {
+    TORCH_CHECK_VALUE(alpha->dim() == 1 && alpha->size(0) == B, "alpha tensor must have shape (", B,
+                      ",) for batch size ", B, ", got ", shape_string(alpha->sizes()));
+  } else {
+    TORCH_CHECK_VALUE(!teacher, "a teacher needs an alpha tensor of shape (", B, ",)");
+  }
+  check_term_weight(mse_weight, "mse_weight");
+  check_term_weight(grad_weight, "grad_weight");
+  parse_stencil(stencil);
+  TORCH_CHECK_VALUE(reduction == "mean" || reduction == "sum" || reduction == "none", "unknown reduction '",
+                    std::string(reduction), "'; expected one of ['mean', 'sum', 'none']");
+}
+
+// The outputs on pred's device, for arguments that passed check_heatmap_loss_arguments.
+inline HeatmapLossOutputs prepare_heatmap_loss(const at::Tensor& pred, const std::optional<at::Tensor>& alpha,
                                                const std::optional<at::Tensor>& weight, c10::string_view stencil,
                                                c10::string_view reduction, bool compute_grad) {
-  TORCH_CHECK_VALUE(pred.dim() == 4, "hgloss: pred must be (B, K, H, W), got ", pred.sizes());
-  TORCH_CHECK_VALUE(target.sizes() == pred.sizes(), "hgloss: target ", target.sizes(),
-                    " does not match pred ", pred.sizes());
   const int64_t B = pred.size(0), K = pred.size(1), H = pred.size(2), W = pred.size(3);
-  if (teacher.has_value()) {
-    TORCH_CHECK_VALUE(teacher->sizes() == pred.sizes(), "hgloss: teacher ", teacher->sizes(),
-                      " does not match pred ", pred.sizes());
-    TORCH_CHECK_VALUE(alpha.has_value() && alpha->dim() == 1 && alpha->size(0) == B,
-                      "hgloss: a teacher needs a (B,) alpha tensor");
-  }
-  if (weight.has_value()) {
-    TORCH_CHECK_VALUE(weight->dim() == 2 && weight->size(0) == B && weight->size(1) == K,
-                      "hgloss: weight must be (B, K), got ", weight->sizes());
-  }
   HeatmapLossOutputs out;
   out.mean = reduction == "mean";
   out.reduce = out.mean || reduction == "sum";
-  TORCH_CHECK_VALUE(out.reduce || reduction == "none", "hgloss: unknown reduction '", std::string(reduction), "'");
   out.stencil = parse_stencil(stencil);
 
+  // hgloss.contract.accumulation_dtype and saved_gradient_dtype; the fake implementation
+  // allocates by those, and opcheck compares it with this.
   out.acc_type = pred.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto acc_options = pred.options().dtype(out.acc_type);
   out.terms = at::empty({B, K}, acc_options);
   out.plane_losses = at::empty({B, K}, acc_options);
   out.loss = out.reduce ? at::empty({}, acc_options) : out.plane_losses;
-  // A bfloat16 pred gets its gradient in bfloat16, the dtype it is returned in, so no float32
-  // copy is kept. A float16 one keeps float32: a loss-scaled (GradScaler) backward multiplies
-  // it by up to 2^16, and float16 would have flushed the small values to zero before that.
   const auto grad_type = pred.scalar_type() == at::kBFloat16 ? at::kBFloat16 : out.acc_type;
   out.grad = at::empty(compute_grad ? at::IntArrayRef{B, K, H, W} : at::IntArrayRef{0}, pred.options().dtype(grad_type));
-  if (teacher.has_value()) out.alpha = alpha->to(out.acc_type).contiguous();
-  if (weight.has_value()) out.weight = weight->to(out.acc_type).contiguous();
+  if (alpha) out.alpha = alpha->to(out.acc_type).contiguous();
+  if (weight) out.weight = weight->to(out.acc_type).contiguous();
   return out;
+}
+
+// hgloss.contract.check_scale_arguments.
+inline void check_scale_gradient_arguments(const at::Tensor& grad, const at::Tensor& scale) {
+  TORCH_CHECK_VALUE(grad.dim() == 4 && grad.is_contiguous(), "grad must be a contiguous (B, K, H, W) tensor, got shape ",
+                    shape_string(grad.sizes()));
+  const auto type = grad.scalar_type();
+  TORCH_CHECK_TYPE(type == at::kBFloat16 || type == at::kFloat || type == at::kDouble,
+                   "grad must be bfloat16, float32 or float64, got ", dtype_string(type));
+  TORCH_CHECK_TYPE(at::isFloatingType(scale.scalar_type()), "scale must have a floating dtype, got ",
+                   dtype_string(scale.scalar_type()));
+  const int64_t planes = grad.size(0) * grad.size(1);
+  TORCH_CHECK_VALUE(scale.numel() == 1 || scale.numel() == planes, "scale must hold 1 or B*K = ", planes,
+                    " values, got ", scale.numel());
+  TORCH_CHECK_VALUE(scale.device() == grad.device(), "all tensors must be on one device, got grad on ", grad.device(),
+                    ", scale on ", scale.device());
 }
 
 }  // namespace hgloss

@@ -1,7 +1,8 @@
 """hgloss: fused heatmap losses for pose estimation.
 
 The heatmap MSE with a heatmap-gradient constraint and self-distillation soft targets, computed in
-one fused pass with a hand-written backward. See README.md and SPEC for the formula.
+one fused pass with a hand-written backward. The contract (formula, API, errors, accuracy) is
+docs/spec.md.
 """
 
 from . import compat, distill

@@ -8,7 +8,8 @@ weighting and scaling.
 import torch
 from torch import nn
 
-from .functional import heatmap_gradient_loss
+from .contract import check_term_weight
+from .functional import check_settings, heatmap_gradient_loss
 
 
 class JointsMSELoss(nn.Module):
@@ -31,6 +32,7 @@ class JointsMSELoss(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
+        _, grad_weight = check_settings(grad_weight=grad_weight, stencil=stencil, backend=backend)
         self.use_target_weight = use_target_weight
         self.grad_weight = grad_weight
         self.stencil = stencil
@@ -82,9 +84,10 @@ class KeypointMSELoss(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
+        _, grad_weight = check_settings(grad_weight=grad_weight, stencil=stencil, backend=backend)
         self.use_target_weight = use_target_weight
         self.skip_empty_channel = skip_empty_channel
-        self.loss_weight = loss_weight
+        self.loss_weight = check_term_weight("loss_weight", loss_weight)
         self.grad_weight = grad_weight
         self.stencil = stencil
         self.backend = backend

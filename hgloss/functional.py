@@ -1,47 +1,19 @@
-"""hgloss.heatmap_gradient_loss: input validation, backend choice, weighting and reduction.
-
-Every check of SPEC section 2 lives here and runs before any kernel; the backends assume valid
-input.
+"""hgloss.heatmap_gradient_loss: the public function. It checks the arguments (the rules of
+hgloss.contract, docs/spec.md section 2) before any kernel runs, chooses the backend, and calls
+it; nothing else.
 """
 
 import importlib.util
-import math
 import os
 import warnings
-from numbers import Real
 
 import torch
 
-from . import ops
+from . import contract, ops
 from .backends import _build, reference
+from .stencils import STENCILS
 
-STENCILS = ("forward", "central", "sobel")
-REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("cuda", "triton", "cpu", "reference")
-
-
-def _load_triton_backend():
-    """hgloss.backends.triton where Triton can run: a CUDA device, or the Triton interpreter
-    (TRITON_INTERPRET=1, read when triton compiles the kernels) on CPU tensors. None elsewhere,
-    which also spares CPU-only processes importing triton."""
-    if importlib.util.find_spec("triton") is None:
-        return None
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0").lower() in ("", "0", "false", "off"):
-        return None
-    from .backends import triton as triton_backend
-
-    return triton_backend
-
-
-_triton = _load_triton_backend()
-
-# The operators of the fused backends, all with the schema of hgloss::heatmap_loss.
-_FUSED_OPS = {}
-if ops.HAS_EXTENSION:
-    # One operator for both: the dispatcher picks the CPU or the CUDA kernel by device.
-    _FUSED_OPS["cpu"] = _FUSED_OPS["cuda"] = torch.ops.hgloss.heatmap_loss
-if _triton is not None:
-    _FUSED_OPS["triton"] = torch.ops.hgloss.triton_heatmap_loss
 
 
 def _runs_on(name: str, device_type: str | None) -> bool:
@@ -49,19 +21,20 @@ def _runs_on(name: str, device_type: str | None) -> bool:
     if name == "reference":
         return True
     if name == "cpu":
-        return ops.HAS_EXTENSION and device_type in (None, "cpu")
+        return device_type in (None, "cpu") and ops.load_cpp_operators()
     if name == "cuda":
         on_cuda = device_type in (None, "cuda") and torch.version.cuda is not None
         return on_cuda and _build.cuda_failure_reason() is None
-    if name == "triton" and _triton is not None:
+    if name == "triton" and ops.load_triton_operator():
         on_cuda = torch.cuda.is_available() and device_type in (None, "cuda")
-        return on_cuda or (_triton.INTERPRETING and device_type in (None, "cpu"))
+        return on_cuda or (ops.triton_interpreting() and device_type in (None, "cpu"))
     return False
 
 
-def _why_unavailable(backend: str) -> str:
-    if backend == "cpu" and not ops.HAS_EXTENSION:
-        return " (the C++ extension did not load)"
+def why_unavailable(backend: str) -> str:
+    """Why a backend is not available here, as a parenthesised remark ("" when nothing to say)."""
+    if backend == "cpu" and not ops.load_cpp_operators():
+        return f" (the C++ extension did not load: {_build.failure_reason()})"
     if backend == "cuda":
         return f" ({_build.cuda_failure_reason() or 'the CUDA kernels run on CUDA tensors only'})"
     if backend == "triton":
@@ -72,8 +45,34 @@ def _why_unavailable(backend: str) -> str:
 
 
 def available_backends() -> list[str]:
-    """The backends usable in this process, fastest first, e.g. ["cpu", "reference"]."""
+    """The backends usable in this process, fastest first, e.g. ["cpu", "reference"]. Loads
+    (and, the first time, may build) the C++ extension."""
     return [name for name in BACKENDS if _runs_on(name, None)]
+
+
+def check_backend_name(backend: str) -> None:
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected 'auto' or one of {list(BACKENDS)}")
+
+
+def check_settings(
+    *, mse_weight: float = 1.0, grad_weight: float = 1.0, stencil: str = "forward", reduction: str = "mean",
+    backend: str = "auto",
+) -> tuple[float, float]:
+    """The checks of the loss's non-tensor arguments, for the modules that take them at
+    construction; returns mse_weight and grad_weight as floats. Whether a backend is available
+    depends on the tensors' device, so that is checked at the call."""
+    mse_weight = contract.check_term_weight("mse_weight", mse_weight)
+    grad_weight = contract.check_term_weight("grad_weight", grad_weight)
+    contract.check_choice("stencil", stencil, STENCILS)
+    contract.check_choice("reduction", reduction, contract.REDUCTIONS)
+    check_backend_name(backend)
+    return mse_weight, grad_weight
+
+
+def _under_functorch_transform() -> bool:
+    """Whether a torch.func transform (grad, vmap, jacrev, ...) is active."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -85,6 +84,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
                 f"HGLOSS_BACKEND={backend!r} is not a backend; expected one of {list(BACKENDS)} or 'auto'"
             )
     if backend == "auto":
+        if _under_functorch_transform():
+            return "reference"
         # The interpreter exists for testing Triton kernels; it is never a default for CPU tensors.
         chosen = next(
             name
@@ -98,87 +99,22 @@ def resolve_backend(backend: str, device: torch.device) -> str:
                 warnings.warn(f"{error}; falling back", RuntimeWarning, stacklevel=3)
                 return resolve_backend("auto", device)
         return chosen
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; expected 'auto' or one of {list(BACKENDS)}")
+    check_backend_name(backend)
+    if backend != "reference" and _under_functorch_transform():
+        raise RuntimeError(
+            f"backend {backend!r} does not support torch.func transforms (grad, vmap, jacrev, ...): its "
+            "hand-written backward is not a functorch rule; use backend='reference' (or 'auto', which "
+            "picks it under a transform)"
+        )
     if not _runs_on(backend, device.type):
         usable = [name for name in BACKENDS if _runs_on(name, device.type)]
         raise RuntimeError(
             f"backend {backend!r} is not available for {device.type} tensors; "
-            f"available here: {usable}" + _why_unavailable(backend)
+            f"available here: {usable}" + why_unavailable(backend)
         )
     if backend == "cuda":
         _build.load_cuda_kernels()
     return backend
-
-
-def _check_floating(name: str, tensor: torch.Tensor) -> None:
-    if not tensor.is_floating_point():
-        raise TypeError(f"{name} must have a floating dtype, got {tensor.dtype}")
-
-
-def _check_scalar_weight(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise ValueError(f"{name} must be a real number, got {type(value).__name__}")
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be finite and >= 0, got {value}")
-
-
-def _validate(pred, target, target_weight, teacher, alpha, mse_weight, grad_weight, stencil, reduction):
-    if not isinstance(pred, torch.Tensor) or not isinstance(target, torch.Tensor):
-        raise TypeError("pred and target must be tensors")
-    named = {"pred": pred, "target": target, "teacher": teacher, "target_weight": target_weight}
-    if isinstance(alpha, torch.Tensor):
-        named["alpha"] = alpha
-    named = {name: tensor for name, tensor in named.items() if tensor is not None}
-    for name, tensor in named.items():
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"{name} must be a tensor, got {type(tensor).__name__}")
-        _check_floating(name, tensor)
-
-    devices = {name: tensor.device for name, tensor in named.items()}
-    if len(set(devices.values())) > 1:
-        listed = ", ".join(f"{name} on {device}" for name, device in devices.items())
-        raise ValueError(f"all tensors must be on one device, got {listed}")
-
-    if pred.dim() != 4:
-        raise ValueError(f"pred must be 4-D (B, K, H, W), got shape {tuple(pred.shape)}")
-    batch, joints, height, width = pred.shape
-    if joints < 1 or height < 1 or width < 1:
-        raise ValueError(f"pred must have K, H, W >= 1, got shape {tuple(pred.shape)}")
-    for name in ("target", "teacher"):
-        tensor = named.get(name)
-        if tensor is not None and tensor.shape != pred.shape:
-            raise ValueError(f"{name} shape {tuple(tensor.shape)} differs from pred shape {tuple(pred.shape)}")
-    if target_weight is not None:
-        accepted = [(batch, joints), (batch, joints, 1), (batch, joints, 1, 1)]
-        if tuple(target_weight.shape) not in accepted:
-            raise ValueError(
-                f"target_weight shape {tuple(target_weight.shape)} is not one of {accepted} "
-                f"for pred shape {tuple(pred.shape)}"
-            )
-
-    if isinstance(alpha, torch.Tensor):
-        if tuple(alpha.shape) != (batch,):
-            raise ValueError(f"alpha tensor must have shape ({batch},) for batch size {batch}, got {tuple(alpha.shape)}")
-    elif isinstance(alpha, bool) or not isinstance(alpha, Real) or not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be a float in [0, 1] or a (B,) tensor, got {alpha!r}")
-
-    _check_scalar_weight("mse_weight", mse_weight)
-    _check_scalar_weight("grad_weight", grad_weight)
-    if stencil not in STENCILS:
-        raise ValueError(f"unknown stencil {stencil!r}; expected one of {list(STENCILS)}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"unknown reduction {reduction!r}; expected one of {list(REDUCTIONS)}")
-
-
-def reduce_plane_losses(plane_losses: torch.Tensor, reduction: str) -> torch.Tensor:
-    """"none" keeps (B, K); "sum" adds every plane; "mean" divides by B*K (0 when empty)."""
-    if reduction == "none":
-        return plane_losses
-    total = plane_losses.sum()
-    if reduction == "sum":
-        return total
-    return total / max(plane_losses.numel(), 1)
 
 
 def heatmap_gradient_loss(
@@ -234,9 +170,11 @@ def heatmap_gradient_loss(
         >>> loss = hgloss.heatmap_gradient_loss(pred, target, torch.ones(32, 17, 1))
         >>> loss.backward()
     """
-    _validate(pred, target, target_weight, teacher, alpha, mse_weight, grad_weight, stencil, reduction)
+    mse_weight, grad_weight = contract.check_loss_arguments(
+        pred, target, teacher, alpha, target_weight, mse_weight, grad_weight, stencil, reduction
+    )
     backend = resolve_backend(backend, pred.device)
-    dtype = reference.accumulation_dtype(pred)
+    dtype = contract.accumulation_dtype(pred)
     blend = None
     if teacher is not None:
         if isinstance(alpha, torch.Tensor):
@@ -245,12 +183,11 @@ def heatmap_gradient_loss(
             blend = torch.full((pred.shape[0],), float(alpha), dtype=dtype, device=pred.device)
 
     plane_weight = None if target_weight is None else target_weight.reshape(pred.shape[:2])
-    if backend in _FUSED_OPS:
+    if backend != "reference":
         return ops.fused_heatmap_loss(
-            _FUSED_OPS[backend],
-            pred, target, teacher, blend, plane_weight, mse_weight, grad_weight, stencil, reduction
+            backend, pred, target, teacher, blend, plane_weight, mse_weight, grad_weight, stencil, reduction
         )
     terms = reference.plane_terms(pred, target, teacher, blend, mse_weight, grad_weight, stencil)
     if plane_weight is not None:
         terms = terms * plane_weight.to(dtype)
-    return reduce_plane_losses(terms, reduction)
+    return contract.reduce_plane_losses(terms, reduction)

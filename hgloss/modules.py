@@ -3,7 +3,8 @@
 import torch
 from torch import nn
 
-from .functional import REDUCTIONS, heatmap_gradient_loss, reduce_plane_losses
+from .contract import reduce_plane_losses
+from .functional import check_settings, heatmap_gradient_loss
 
 
 class HeatmapGradientLoss(nn.Module):
@@ -13,7 +14,8 @@ class HeatmapGradientLoss(nn.Module):
     ``loss(output, target, target_weight)``, like HRNet's and mmpose's heatmap losses.
 
     Args:
-        mse_weight, grad_weight, stencil, backend: as in hgloss.heatmap_gradient_loss.
+        mse_weight, grad_weight, stencil, backend: as in hgloss.heatmap_gradient_loss; checked
+            here, so a bad value fails at construction rather than at the first call.
         use_target_weight: apply the (B, K[, 1[, 1]]) target weight when one is passed.
         reduction: "mean", "sum" or "none".
         ohkm_topk: online hard keypoint mining (HRNet's JointsOHKMMSELoss): per sample, keep the
@@ -37,8 +39,9 @@ class HeatmapGradientLoss(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"unknown reduction {reduction!r}; expected one of {list(REDUCTIONS)}")
+        mse_weight, grad_weight = check_settings(
+            mse_weight=mse_weight, grad_weight=grad_weight, stencil=stencil, reduction=reduction, backend=backend
+        )
         if ohkm_topk is not None and (isinstance(ohkm_topk, bool) or not isinstance(ohkm_topk, int) or ohkm_topk < 1):
             raise ValueError(f"ohkm_topk must be a positive int or None, got {ohkm_topk!r}")
         self.mse_weight = mse_weight

@@ -1,135 +1,203 @@
-"""Custom-operator glue for the fused backends: fake implementations and autograd.
+"""The registration layer: the fused backends as PyTorch custom operators, loaded on first use.
 
-The C++ backends' schema, kernels and autograd are in csrc/ (the autograd in
-csrc/autograd/heatmap_loss_autograd.cpp, so that eager calls cost no Python); the Triton backend
-defines an operator with the same schema, hgloss::triton_heatmap_loss (hgloss/backends/triton.py),
-whose autograd is registered here with the same behaviour. Each operator returns the reduced
-loss, the per-plane terms and, when asked, dL/dD for an upstream gradient of 1, all from one
-pass. The backward only scales that saved gradient by the upstream gradient, in place (leaving
-planes whose factor is exactly 1 untouched, as after the usual `loss.backward()`). A
-forward+backward therefore allocates one heatmap-sized buffer, and that buffer becomes dL/dpred.
+Operators (namespace hgloss, all with one schema, docs/spec.md section 6):
 
-A second backward through the same graph (retain_graph=True, as gradcheck does) finds the saved
-buffer consumed and recomputes it with one more forward pass, as does a backward of an op run
-with compute_grad=False. When the backward is traced
-(torch.compile, AOTAutograd), the scaling is a plain functional multiply instead, since a traced
-graph must not mutate a saved forward output. Double backward raises a clear error.
+- ``heatmap_loss`` and ``scale_gradient_``: schema in C++ (csrc/heatmap_loss.cpp), CPU and CUDA
+  kernels, autograd in C++ (csrc/autograd/heatmap_loss_autograd.cpp) so that an eager
+  forward+backward runs no Python beyond the public function. Loaded with the extension
+  hgloss._C the first time a call needs them; their fake implementation is registered here.
+- ``triton_heatmap_loss``: defined here from the kernels of hgloss.backends.triton, with its
+  fake implementation and an autograd with the C++ one's behaviour, written again in Python so
+  that the Triton backend works without the C++ extension. tests/test_operators.py runs both
+  operators through the same backward scenarios to keep them in step.
+
+Each operator returns the reduced loss, the per-plane terms and, when asked, dL/dD for an
+upstream gradient of 1, all from one pass. The backward only scales that saved gradient by the
+upstream gradient, in place (leaving planes whose factor is exactly 1 untouched, as after the
+usual ``loss.backward()``), and hands it on as dL/dpred: a forward+backward allocates one
+heatmap-sized buffer. A second backward through the same graph (retain_graph=True, as gradcheck
+does) finds the buffer consumed and recomputes it with one more forward pass, as does the backward
+of a call made with compute_grad=False. When the backward is traced (torch.compile, AOTAutograd,
+opcheck) the scaling is a functional multiply instead: a traced graph must not mutate a saved
+forward output. Double backward raises a clear error.
 """
 
+import importlib.util
+import os
+
 import torch
-from torch._subclasses.fake_tensor import is_fake
 
-from .backends._build import load_extension
-from .backends.reference import accumulation_dtype
+from . import contract
+from .backends import _build
 
-HAS_EXTENSION = load_extension()
+# The operator of each fused backend; "cpu" and "cuda" share one, dispatched by device.
+OPERATOR_NAMES = {"cpu": "heatmap_loss", "cuda": "heatmap_loss", "triton": "triton_heatmap_loss"}
+DOUBLE_BACKWARD_MESSAGE = (
+    "hgloss: double backward is not supported by the fused backends; "
+    "use backend='reference' for higher-order gradients"
+)
 
-
-def fake_heatmap_loss(
-    pred, target, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction, compute_grad
-):
-    dtype = accumulation_dtype(pred)
-    plane_shape = pred.shape[:2]
-    loss = pred.new_empty(plane_shape if reduction == "none" else (), dtype=dtype)
-    terms = pred.new_empty(plane_shape, dtype=dtype)
-    grad = pred.new_empty(pred.shape if compute_grad else (0,), dtype=saved_gradient_dtype(pred))
-    return loss, terms, grad
-
-
-def saved_gradient_dtype(pred: torch.Tensor) -> torch.dtype:
-    """bfloat16 for a bfloat16 pred (its gradient's own dtype, so no float32 copy is kept);
-    otherwise the accumulation dtype. float16 keeps float32 because a loss-scaled backward
-    multiplies the saved gradient by up to 2^16, and float16 would first flush its small values."""
-    return torch.bfloat16 if pred.dtype == torch.bfloat16 else accumulation_dtype(pred)
+_cpp_fakes_registered = False
+_triton_loaded: bool | None = None
+_triton_backend = None
 
 
 def _fake_scale_gradient_(grad, scale):
-    return None
+    contract.check_scale_arguments(grad, scale)
 
 
-def register_fused_autograd(name: str, op, scale_gradient_) -> None:
-    """The autograd of a fused operator with the schema of hgloss::heatmap_loss. `op` recomputes
-    the forward when needed; `scale_gradient_(grad, scale)` multiplies a saved dL/dD in place by
-    the upstream gradient (one factor, or one per plane)."""
-
-    def setup_context(ctx, inputs, output):
-        pred, target, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction, _ = inputs
-        _, terms, grad = output
-        ctx.save_for_backward(grad, terms, pred, target, teacher, alpha, weight)
-        ctx.settings = (mse_weight, grad_weight, stencil, reduction)
-        ctx.fused_op = op
-        ctx.scale_gradient_ = scale_gradient_
-        ctx.gradient_consumed = False
-        # terms and grad exist for the backward only: no gradient flows through them, and none
-        # is materialised for them (one is heatmap-sized).
-        ctx.mark_non_differentiable(terms, grad)
-        ctx.set_materialize_grads(False)
-
-    torch.library.register_autograd(name, _backward, setup_context=setup_context)
+@_build.constant_under_compile
+def load_cpp_operators() -> bool:
+    """Whether hgloss::heatmap_loss is usable, loading (or building) the extension on the first
+    call; registers the operators' fake implementations once."""
+    global _cpp_fakes_registered
+    if not _build.load_extension():
+        return False
+    if not _cpp_fakes_registered:
+        torch.library.register_fake("hgloss::heatmap_loss")(contract.fake_heatmap_loss)
+        torch.library.register_fake("hgloss::scale_gradient_")(_fake_scale_gradient_)
+        _cpp_fakes_registered = True
+    return True
 
 
-def _is_traced(tensor: torch.Tensor) -> bool:
-    """Whether the backward is being traced (torch.compile, AOTAutograd, opcheck) rather than run."""
-    return torch.compiler.is_compiling() or is_fake(tensor)
+def _triton_can_run() -> bool:
+    """Triton runs on a CUDA device, or under its interpreter (TRITON_INTERPRET=1, read when the
+    kernels are compiled) on CPU tensors. Elsewhere triton is not even imported."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    interpreter = os.environ.get("TRITON_INTERPRET", "0").lower() not in ("", "0", "false", "off")
+    return torch.cuda.is_available() or interpreter
 
 
-def _grad_diff(ctx, grad, upstream, inputs):
-    """dL/dD for this upstream gradient."""
-    mse_weight, grad_weight, stencil, reduction = ctx.settings
-    if _is_traced(grad):
-        return grad * (upstream[:, :, None, None] if reduction == "none" else upstream)
-    if ctx.gradient_consumed or grad.shape != inputs[0].shape:
-        # Consumed by an earlier backward, or never computed (the op was called with
-        # compute_grad=False): one more forward pass.
-        _, _, grad = ctx.fused_op(*inputs, mse_weight, grad_weight, stencil, reduction, True)
-    ctx.gradient_consumed = True
-    ctx.scale_gradient_(grad, upstream)
-    return grad
+@_build.constant_under_compile
+def load_triton_operator() -> bool:
+    """Whether hgloss::triton_heatmap_loss is usable, defining it on the first call."""
+    global _triton_loaded, _triton_backend
+    if _triton_loaded is None:
+        _triton_loaded = _triton_can_run()
+        if _triton_loaded:
+            from .backends import triton as triton_backend
+
+            _register_triton_operator(triton_backend)
+            _triton_backend = triton_backend
+    return _triton_loaded
 
 
-def _backward(ctx, grad_loss, _grad_of_terms, _grad_of_saved_gradient):
+@_build.constant_under_compile
+def triton_interpreting() -> bool:
+    """Whether the Triton operator runs its kernels in the interpreter, on CPU tensors."""
+    return load_triton_operator() and _triton_backend.INTERPRETING
+
+
+def _checked_triton_heatmap_loss(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    teacher: torch.Tensor | None,
+    alpha: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    mse_weight: float,
+    grad_weight: float,
+    stencil: str,
+    reduction: str,
+    compute_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    contract.check_operator_arguments(pred, target, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction)
+    return _triton_backend.heatmap_loss(
+        pred, target, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction, compute_grad
+    )
+
+
+def _register_triton_operator(triton_backend) -> None:
+    name = "hgloss::triton_heatmap_loss"
+    if triton_backend.INTERPRETING:
+        # The interpreter runs kernels on CPU tensors, which triton_op cannot trace: a plain
+        # custom op with the shared fake implementation.
+        torch.library.custom_op(name, mutates_args=())(_checked_triton_heatmap_loss)
+        torch.library.register_fake(name)(contract.fake_heatmap_loss)
+    else:
+        # On a GPU, a triton_op: torch.compile sees the kernels, and inductor launches them from
+        # its own code, plans the buffers and fuses the caller's arithmetic on the loss.
+        torch.library.triton_op(name, mutates_args=())(_checked_triton_heatmap_loss)
+    torch.library.register_autograd(name, _triton_backward, setup_context=_triton_setup_context)
+
+
+def is_traced(tensor: torch.Tensor) -> bool:
+    """Whether a tensor is a tracing stand-in (meta, fake or functional) rather than data; the
+    C++ autograd asks the same of the dispatch keys."""
+    keys = torch._C._dispatch_keys(tensor)
+    return (
+        tensor.is_meta
+        or keys.has(torch._C.DispatchKey.Python)
+        or keys.has(torch._C.DispatchKey.Functionalize)
+    )
+
+
+def _triton_setup_context(ctx, inputs, output):
+    pred, target, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction, _ = inputs
+    _, terms, grad = output
+    ctx.save_for_backward(grad, terms, pred, target, teacher, alpha, weight)
+    ctx.settings = (mse_weight, grad_weight, stencil, reduction)
+    ctx.gradient_consumed = False
+    # terms and grad exist for the backward only: no gradient flows through them, and none is
+    # materialised for them (one is heatmap-sized).
+    ctx.mark_non_differentiable(terms, grad)
+    ctx.set_materialize_grads(False)
+
+
+def _triton_backward(ctx, grad_loss, _grad_of_terms, _grad_of_saved_gradient):
     if torch.is_grad_enabled():
-        raise RuntimeError(
-            "hgloss: double backward is not supported by the fused backends; "
-            "use backend='reference' for higher-order gradients"
-        )
-    grad, terms, pred, target, teacher, alpha, weight = ctx.saved_tensors
-    reduction = ctx.settings[3]
-    needs_pred, needs_target, needs_teacher, _, needs_weight = ctx.needs_input_grad[:5]
+        raise RuntimeError(DOUBLE_BACKWARD_MESSAGE)
+    grads = [None] * 10  # one per forward argument
     if grad_loss is None:
-        return (None,) * 10
+        return tuple(grads)
+    grad, terms, pred, target, teacher, alpha, weight = ctx.saved_tensors
+    mse_weight, grad_weight, stencil, reduction = ctx.settings
+    needs_pred, needs_target, needs_teacher, _, needs_weight = ctx.needs_input_grad[:5]
     upstream = grad_loss.to(terms.dtype)
 
-    grad_of_weight = None
     if needs_weight:
+        # For "mean" each plane's share of the upstream gradient is 1/(B*K) of it.
         plane_upstream = upstream / max(terms.numel(), 1) if reduction == "mean" else upstream
-        grad_of_weight = (plane_upstream * terms).to(weight.dtype)
+        grads[4] = (plane_upstream * terms).to(weight.dtype)
+    if not (needs_pred or needs_target or needs_teacher):
+        return tuple(grads)
 
-    grad_pred = grad_target = grad_teacher = None
-    if needs_pred or needs_target or needs_teacher:
-        grad_diff = _grad_diff(ctx, grad, upstream, (pred, target, teacher, alpha, weight))
-        if needs_teacher:
-            grad_teacher = (grad_diff * -alpha[:, None, None, None]).to(teacher.dtype)
-        if needs_target:
-            target_scale = -1.0 if alpha is None else (alpha - 1)[:, None, None, None]
-            grad_target = (grad_diff * target_scale).to(target.dtype)
-        if needs_pred:
-            grad_pred = grad_diff.to(pred.dtype)
-    return grad_pred, grad_target, grad_teacher, None, grad_of_weight, None, None, None, None, None
+    # dL/dD for this upstream gradient.
+    if is_traced(grad):
+        grad_diff = grad * (upstream[:, :, None, None] if reduction == "none" else upstream)
+    else:
+        if ctx.gradient_consumed or grad.shape != pred.shape:
+            # Consumed by an earlier backward, or never computed: one more forward pass.
+            _, _, grad = torch.ops.hgloss.triton_heatmap_loss(
+                pred, target, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction, True
+            )
+        ctx.gradient_consumed = True
+        _triton_backend.scale_gradient_(grad, upstream)
+        grad_diff = grad
+    if needs_teacher:
+        grads[2] = (grad_diff * -alpha[:, None, None, None]).to(teacher.dtype)
+    if needs_target:
+        grads[1] = (grad_diff * (alpha - 1)[:, None, None, None] if alpha is not None else -grad_diff).to(target.dtype)
+    if needs_pred:
+        grads[0] = grad_diff.to(pred.dtype)
+    return tuple(grads)
 
 
-if HAS_EXTENSION:
-    torch.library.register_fake("hgloss::heatmap_loss")(fake_heatmap_loss)
-    torch.library.register_fake("hgloss::scale_gradient_")(_fake_scale_gradient_)
+def _usable_for_backward(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """An inference tensor (made under torch.inference_mode) cannot be saved for the backward;
+    its copy outside inference mode can."""
+    return tensor.clone() if tensor is not None and tensor.is_inference() else tensor
 
 
-def fused_heatmap_loss(op, pred, target, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction):
-    """The loss from a fused operator (`op`, with the schema of hgloss::heatmap_loss). `weight` is
-    (B, K) or None."""
-    compute_grad = torch.is_grad_enabled() and any(
-        tensor is not None and tensor.requires_grad for tensor in (pred, target, teacher)
-    )
-    loss, _, _ = op(
-        pred, target, teacher, alpha, weight, float(mse_weight), float(grad_weight), stencil, reduction, compute_grad
-    )
+def fused_heatmap_loss(backend, pred, target, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction):
+    """The loss from the operator of a fused backend, on checked arguments; `weight` is (B, K)
+    or None and `alpha` a (B,) tensor, or None without a teacher."""
+    compute_grad = False
+    if torch.is_grad_enabled():
+        compute_grad = pred.requires_grad or target.requires_grad or (teacher is not None and teacher.requires_grad)
+        if compute_grad or (weight is not None and weight.requires_grad):
+            # The operator's autograd node will save these.
+            target, teacher, alpha, weight = map(_usable_for_backward, (target, teacher, alpha, weight))
+    operator = getattr(torch.ops.hgloss, OPERATOR_NAMES[backend])
+    loss, _, _ = operator(pred, target, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction, compute_grad)
     return loss

@@ -1,4 +1,4 @@
-"""Shared helpers: input factories, the SPEC accuracy measures, and the fused backends to test.
+"""Shared helpers: input factories, the accuracy measures of docs/spec.md, and the fused backends to test.
 
 Without a GPU the Triton kernels run under the Triton interpreter on CPU tensors. It is switched
 on here, before hgloss (and so triton.jit) sees the kernels; TRITON_INTERPRET=0 in the
@@ -31,14 +31,13 @@ FUSED_DEVICES = {
 def fused_backend_params():
     """pytest params for every fused backend, skipped with the reason when it is unavailable."""
     from hgloss import functional
-    from hgloss.backends import _build
 
     params = []
     available = hgloss.available_backends()
     for name in FUSED_DEVICES:
         marks = []
         if name not in available:
-            reason = _build.failure_reason() if name == "cpu" else functional._why_unavailable(name).strip(" ()")
+            reason = functional.why_unavailable(name).strip(" ()")
             marks.append(pytest.mark.skip(reason=f"backend {name!r} unavailable: {reason}"))
         params.append(pytest.param(name, id=name, marks=marks))
     return params
@@ -51,13 +50,13 @@ def interpreted(backend: str) -> bool:
 
 def fused_op(backend: str):
     """The custom operator behind a fused backend (schema of hgloss::heatmap_loss)."""
-    from hgloss import functional
+    from hgloss import ops
 
-    return functional._FUSED_OPS[backend]
+    return getattr(torch.ops.hgloss, ops.OPERATOR_NAMES[backend])
 
 
 def loss_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """SPEC: max|out - ref| / max(max|ref|, tiny)."""
+    """docs/spec.md section 1: max|out - ref| / max(max|ref|, tiny)."""
     out, ref = out.double(), ref.double()
     if ref.numel() == 0:
         return 0.0
@@ -66,7 +65,7 @@ def loss_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def grad_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """SPEC: norm(out - ref) / norm(ref); the absolute norm when ref is zero."""
+    """docs/spec.md section 1: norm(out - ref) / norm(ref); the absolute norm when ref is zero."""
     out, ref = out.double(), ref.double()
     diff = (out - ref).norm().item()
     ref_norm = ref.norm().item()

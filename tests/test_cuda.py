@@ -24,7 +24,7 @@ from test_fused_vs_reference import STENCILS, assert_matches_reference, make_cas
 
 needs_cuda = pytest.mark.skipif(
     "cuda" not in hgloss.available_backends(),
-    reason=f"backend 'cuda' unavailable: {functional._why_unavailable('cuda').strip(' ()')}",
+    reason=f"backend 'cuda' unavailable: {functional.why_unavailable('cuda').strip(' ()')}",
 )
 needs_extension = pytest.mark.skipif(not _build.load_extension(), reason="the C++ extension did not load")
 

@@ -1,4 +1,4 @@
-"""SPEC section 5: the stepping schedule, the replay sampler, the prediction bank, the snapshot
+"""docs/spec.md section 5: the stepping schedule, the replay sampler, the prediction bank, the snapshot
 teacher and the SelfDistillation facade, on their own, end to end and under 2-process DDP."""
 
 import io

@@ -1,4 +1,4 @@
-"""SPEC section 2: bad input raises the named error before any kernel runs, and modifies nothing."""
+"""docs/spec.md section 2: bad input raises the named error before any kernel runs, and modifies nothing."""
 
 import pytest
 import torch

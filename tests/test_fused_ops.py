@@ -8,7 +8,7 @@ import hgloss
 
 from conftest import FUSED_DEVICES, fused_backend_params, fused_op, grad_error, heatmaps, interpreted, loss_error
 
-# SPEC section 1: accuracy against a float64 evaluation of the formulas on the upcast inputs.
+# docs/spec.md section 1: accuracy against a float64 evaluation of the formulas on the upcast inputs.
 TOLERANCES = {torch.float64: 1e-5, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
@@ -247,7 +247,7 @@ def peak_extra_bytes(fn, device) -> int:
     ids=str,
 )
 def test_forward_backward_allocates_one_heatmap(backend, dtype, heatmaps_allowed, generator):
-    """SPEC section 4: beyond the gradient itself only O(B*K) memory."""
+    """docs/spec.md section 4: beyond the gradient itself only O(B*K) memory."""
     shape, device = (16, 17, 64, 48), FUSED_DEVICES[backend]
     pred = heatmaps(shape, dtype, device, generator).requires_grad_(True)
     target = heatmaps(shape, dtype, device, generator)

@@ -1,4 +1,4 @@
-"""Every fused backend against the reference backend in float64, over the SPEC matrix: shapes
+"""Every fused backend against the reference backend in float64, over the matrix of docs/spec.md: shapes
 (empty batch, 1xW, Hx1, tiny, odd, COCO/MPII sizes, big planes), stencils, reductions, teacher
 forms, weight shapes, non-contiguous layouts and mixed dtypes, with gradients for every input
 and an upstream gradient that is not 1."""

@@ -22,21 +22,23 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from hgloss.backends import triton as triton_backend  # noqa: E402
+from hgloss.contract import REDUCTIONS  # noqa: E402
+from hgloss.stencils import STENCILS  # noqa: E402
 
 TYPE_NAMES = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32", "fp64": "*fp64"}
 
 
 def signature(kernel, pointers: dict[str, str | None], constexprs: dict) -> dict[str, str]:
     """Triton types of a kernel's arguments: the given pointer types (None: absent, passed as a
-    constexpr None), 32-bit ints for sizes and strides, float32 for the float weights."""
+    constexpr None), 32-bit ints for sizes and strides, 64-bit ints for the float weights' bits."""
     types = {}
     for name in kernel.arg_names:
         if name in constexprs or pointers.get(name, "") is None:
             types[name] = "constexpr"
         elif name in pointers:
             types[name] = TYPE_NAMES[pointers[name]]
-        elif name.endswith(("_high", "_low")):
-            types[name] = "fp32"
+        elif name.endswith("_bits"):
+            types[name] = "i64"
         else:
             types[name] = "i32"
     return types
@@ -44,15 +46,16 @@ def signature(kernel, pointers: dict[str, str | None], constexprs: dict) -> dict
 
 def variants():
     """(description, kernel, pointer dtypes, constexprs, warps, must not spill)."""
-    for stencil, code in triton_backend.STENCIL_CODES.items():
+    for stencil in STENCILS:
         tile, warps = triton_backend.TILE_CONFIG[stencil]
-        for pred, grad, contiguous, with_inputs in (
-            ("fp32", "fp32", True, True),
-            ("fp32", "fp32", False, True),
-            ("fp32", "fp32", True, False),
-            ("bf16", "bf16", True, True),
-            ("fp16", "fp32", True, True),
-            ("fp64", "fp64", True, True),
+        for pred, grad, contiguous, wide, with_inputs in (
+            ("fp32", "fp32", True, False, True),
+            ("fp32", "fp32", False, False, True),
+            ("fp32", "fp32", False, True, True),
+            ("fp32", "fp32", True, False, False),
+            ("bf16", "bf16", True, False, True),
+            ("fp16", "fp32", True, False, True),
+            ("fp64", "fp64", True, False, True),
         ):
             accumulation = "fp64" if pred == "fp64" else "fp32"
             pointers = {
@@ -61,17 +64,21 @@ def variants():
                 "partials_ptr": accumulation, "grad_ptr": grad,
             }
             constexprs = dict(
-                STENCIL=code, HAS_TEACHER=with_inputs, HAS_WEIGHT=with_inputs, COMPUTE_GRAD=True, MEAN=True,
-                CONTIGUOUS=contiguous, PLANES=1, TILE=tile,
+                **triton_backend.stencil_constants(stencil),
+                HAS_TEACHER=with_inputs, HAS_WEIGHT=with_inputs, COMPUTE_GRAD=True, MEAN=True,
+                DENSE=contiguous, WIDE=wide, PLANES=1, TILE=tile,
             )
-            layout = "contiguous" if contiguous else "strided"
+            layout = ("contiguous" if contiguous else "strided") + (" int64" if wide else "")
             extras = "teacher+weight" if with_inputs else "plain"
             description = f"tile {stencil} {pred} {layout} {extras}"
             yield description, triton_backend._plane_tile_kernel, pointers, constexprs, warps, accumulation == "fp32"
     for accumulation in ("fp32", "fp64"):
         pointers = {"partials_ptr": accumulation, "weight_ptr": "fp32", "terms_ptr": accumulation, "loss_ptr": accumulation}
-        for reduction, code in triton_backend.REDUCTION_CODES.items():
-            constexprs = dict(REDUCTION=code, HAS_WEIGHT=True, PLANE_BLOCK=triton_backend.PLANE_BLOCK)
+        for reduction in REDUCTIONS:
+            constexprs = dict(
+                REDUCE=reduction != "none", MEAN=reduction == "mean", HAS_WEIGHT=True,
+                PLANE_BLOCK=triton_backend.PLANE_BLOCK,
+            )
             yield f"finish {reduction} {accumulation}", triton_backend._finish_planes_kernel, pointers, constexprs, 4, True
         for grad in ("bf16", accumulation):
             for per_plane in (False, True):

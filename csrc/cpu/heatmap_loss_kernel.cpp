@@ -291,7 +291,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> heatmap_loss_cpu(
     const std::optional<at::Tensor>& alpha, const std::optional<at::Tensor>& weight,
     double mse_weight, double grad_weight, c10::string_view stencil, c10::string_view reduction,
     bool compute_grad) {
-  HeatmapLossOutputs out = prepare_heatmap_loss(pred, target, teacher, alpha, weight, stencil, reduction, compute_grad);
+  check_heatmap_loss_arguments(pred, target, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction);
+  HeatmapLossOutputs out = prepare_heatmap_loss(pred, alpha, weight, stencil, reduction, compute_grad);
   const int64_t B = pred.size(0), K = pred.size(1), H = pred.size(2), W = pred.size(3);
   const bool has_teacher = teacher.has_value();
   if (B * K > 0) {
@@ -349,10 +350,8 @@ void scale_planes(value_t* data, const factor_t* factors, bool per_plane, int64_
 }
 
 void scale_gradient_cpu(const at::Tensor& grad, const at::Tensor& scale) {
-  TORCH_CHECK_VALUE(grad.dim() == 4 && grad.is_contiguous(), "hgloss: grad must be a contiguous (B, K, H, W) tensor");
+  check_scale_gradient_arguments(grad, scale);
   const int64_t planes = grad.size(0) * grad.size(1), plane_size = grad.size(2) * grad.size(3);
-  TORCH_CHECK_VALUE(scale.numel() == 1 || scale.numel() == planes, "hgloss: scale must hold 1 or B*K values, got ",
-                    scale.numel());
   if (planes == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, grad.scalar_type(), "hgloss_scale_gradient_cpu", [&] {
     using factor_t = at::opmath_type<scalar_t>;

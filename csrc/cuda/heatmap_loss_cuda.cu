@@ -1,6 +1,6 @@
 // The torch binding of the CUDA kernels: TORCH_LIBRARY_IMPL(hgloss, CUDA). It checks and
-// allocates through the helpers the CPU kernel uses, turns tensors into the raw views of
-// heatmap_loss_kernel.h and enqueues on the current stream. No host synchronisation.
+// allocates through the helpers the CPU kernel uses (../heatmap_loss.h), turns tensors into the
+// raw views of heatmap_loss_kernel.h and enqueues on the current stream. No host synchronisation.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -27,21 +27,14 @@ cuda::InputView view_of(const at::Tensor& tensor) {
   return {tensor.data_ptr(), dtype_of(tensor), tensor.stride(0), tensor.stride(1), tensor.stride(2), tensor.stride(3)};
 }
 
-void check_device(const at::Tensor& tensor, const at::Tensor& pred, const char* name) {
-  TORCH_CHECK_VALUE(tensor.device() == pred.device(), "hgloss: ", name, " is on ", tensor.device(), " but pred is on ",
-                    pred.device());
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> heatmap_loss_cuda(
     const at::Tensor& pred, const at::Tensor& target, const std::optional<at::Tensor>& teacher,
     const std::optional<at::Tensor>& alpha, const std::optional<at::Tensor>& weight, double mse_weight,
     double grad_weight, c10::string_view stencil, c10::string_view reduction, bool compute_grad) {
-  check_device(target, pred, "target");
-  if (teacher.has_value()) check_device(*teacher, pred, "teacher");
-  if (alpha.has_value()) check_device(*alpha, pred, "alpha");
-  if (weight.has_value()) check_device(*weight, pred, "weight");
+  // Checked before the guard, which needs pred on a CUDA device.
+  check_heatmap_loss_arguments(pred, target, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction);
   const c10::cuda::CUDAGuard device_guard(pred.device());
-  HeatmapLossOutputs out = prepare_heatmap_loss(pred, target, teacher, alpha, weight, stencil, reduction, compute_grad);
+  HeatmapLossOutputs out = prepare_heatmap_loss(pred, alpha, weight, stencil, reduction, compute_grad);
 
   cuda::LossProblem problem;
   problem.pred = view_of(pred);
@@ -73,11 +66,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> heatmap_loss_cuda(
 }
 
 void scale_gradient_cuda(const at::Tensor& grad, const at::Tensor& scale) {
-  TORCH_CHECK_VALUE(grad.dim() == 4 && grad.is_contiguous(), "hgloss: grad must be a contiguous (B, K, H, W) tensor");
+  check_scale_gradient_arguments(grad, scale);
   const int64_t planes = grad.size(0) * grad.size(1), plane_size = grad.size(2) * grad.size(3);
-  TORCH_CHECK_VALUE(scale.numel() == 1 || scale.numel() == planes, "hgloss: scale must hold 1 or B*K values, got ",
-                    scale.numel());
-  check_device(scale, grad, "scale");
   const c10::cuda::CUDAGuard device_guard(grad.device());
   // Factors in the dtype the kernel multiplies in: float32 for a bfloat16 or float32 gradient.
   const auto factor_type = grad.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;

@@ -23,7 +23,7 @@ struct InputView {
   int64_t stride_b = 0, stride_k = 0, stride_h = 0, stride_w = 0;
 };
 
-// One evaluation of the loss of SPEC section 1. Every per-plane array is in the accumulation
+// One evaluation of the loss of docs/spec.md section 1. Every per-plane array is in the accumulation
 // dtype: double for a double pred, else float.
 struct LossProblem {
   InputView pred, target, teacher;  // teacher.data is null without a teacher

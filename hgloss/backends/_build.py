@@ -1,4 +1,5 @@
-"""Loads the C++ extension hgloss._C, building it just in time from csrc/ when it is missing.
+"""Loads the C++ extension hgloss._C on the first call that needs it, building it just in time
+from csrc/ when it is missing. Importing hgloss loads and compiles nothing.
 
 `pip install --no-build-isolation .` builds hgloss._C ahead of time, with the CUDA kernels when
 torch is a CUDA build and nvcc is found. When the installed package lacks it (torch was not
@@ -130,12 +131,13 @@ _cuda_failure: str | None = None
 _cuda_ready = False
 
 
-def _constant_under_compile(function):
+def constant_under_compile(function):
     """Marks `function` for torch.compile as returning a constant: Dynamo calls it while tracing
-    and keeps its result, instead of breaking the graph at the torch._C calls inside it."""
-    import torch._dynamo
-
-    return torch._dynamo.assume_constant_result(function)
+    and keeps its result, instead of tracing into the loading code inside it. This is what
+    torch.compiler.assume_constant_result does, without importing torch._dynamo (and with it
+    triton), which would add more than a second to `import hgloss`."""
+    function._dynamo_marked_constant = True
+    return function
 
 
 def cuda_kernels_registered() -> bool:
@@ -152,7 +154,7 @@ def cuda_compiler_home() -> str | None:
     return CUDA_HOME
 
 
-@_constant_under_compile
+@constant_under_compile
 def cuda_failure_reason() -> str | None:
     """Why the CUDA kernels cannot be used here, or None when they can (or can be built)."""
     import torch
@@ -196,7 +198,7 @@ def _compile_cuda_kernels() -> None:
     )
 
 
-@_constant_under_compile
+@constant_under_compile
 def load_cuda_kernels() -> bool:
     """Registers the CUDA kernels, compiling them on the first call when hgloss._C lacks them.
     Returns True, or raises RuntimeError saying why they are unavailable. Under torch.compile the

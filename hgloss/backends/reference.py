@@ -1,4 +1,4 @@
-"""The reference backend: SPEC section 1 in plain PyTorch, written to be read.
+"""The reference backend: docs/spec.md section 1 in plain PyTorch, written to be read.
 
 It is the oracle the fused backends are tested against, so it favours clarity over speed: it
 materialises the soft target, the difference and both gradient maps, and autograd derives every
@@ -7,35 +7,24 @@ gradient (double backward included).
 
 import torch
 
-
-def accumulation_dtype(pred: torch.Tensor) -> torch.dtype:
-    """float64 for a float64 pred, else float32: the dtype of every sum and of the loss."""
-    return torch.float64 if pred.dtype == torch.float64 else torch.float32
+from .. import stencils
+from ..contract import accumulation_dtype
 
 
 def gradient_maps(diff: torch.Tensor, stencil: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Ax and Ay of an (..., H, W) tensor, each on its valid positions only."""
     height, width = diff.shape[-2:]
-    if stencil == "forward":
-        ax = diff[..., :, 1:] - diff[..., :, :-1]
-        ay = diff[..., 1:, :] - diff[..., :-1, :]
-    elif stencil == "central":
-        ax = (diff[..., :, 2:] - diff[..., :, :-2]) / 2
-        ay = (diff[..., 2:, :] - diff[..., :-2, :]) / 2
-    elif stencil == "sobel":
-        if height < 3 or width < 3:
-            empty = diff[..., :0, :0]
-            return empty, empty
+    maps = []
+    for axis in stencils.AXES:
+        rows, cols = stencils.valid_shape(height, width, stencil, axis)
+        top, _, left, _ = stencils.margins(stencil, axis)
 
-        def shifted(u: int, v: int) -> torch.Tensor:
-            # D[i + u, j + v] for every interior position (i, j).
-            return diff.narrow(-2, 1 + u, height - 2).narrow(-1, 1 + v, width - 2)
+        def shifted(tap: stencils.Tap) -> torch.Tensor:
+            # D[i + u, j + v] for every valid position (i, j) of the map.
+            return diff[..., top + tap.row : top + tap.row + rows, left + tap.col : left + tap.col + cols]
 
-        ax = sum(v * (2 - abs(u)) * shifted(u, v) for u in (-1, 0, 1) for v in (-1, 1)) / 8
-        ay = sum(u * (2 - abs(v)) * shifted(u, v) for u in (-1, 1) for v in (-1, 0, 1)) / 8
-    else:
-        raise ValueError(f"unknown stencil {stencil!r}")
-    return ax, ay
+        maps.append(stencils.scale(stencil) * sum(tap.weight * shifted(tap) for tap in stencils.taps(stencil, axis)))
+    return maps[0], maps[1]
 
 
 def plane_terms(
@@ -58,7 +47,7 @@ def plane_terms(
     value_term = diff.pow(2).mean(dim=(-2, -1))
 
     ax, ay = gradient_maps(diff, stencil)
-    count = ax.shape[-2] * ax.shape[-1] + ay.shape[-2] * ay.shape[-1]
+    count = stencils.gradient_count(*diff.shape[-2:], stencil)
     if count == 0:
         gradient_term = torch.zeros_like(value_term)
     else:

@@ -1,4 +1,4 @@
-// Unit tests of csrc/include/hgloss/stencil.h against the formulas of SPEC section 1.
+// Unit tests of csrc/include/hgloss/stencil.h against the formulas of docs/spec.md section 1.
 //
 // Expected values are written out from the spec formulas in this file, never derived from the
 // header, so a wrong tap or range in the header cannot also make its own test pass. No framework:
@@ -74,7 +74,7 @@ const char* stencil_name(Stencil s) {
   return "?";
 }
 
-// The x taps of SPEC section 1, written independently of the header. Ay is Ax transposed for
+// The x taps of docs/spec.md section 1, written independently of the header. Ay is Ax transposed for
 // every stencil, so the y tap at (u, v) is expected_x_tap(v, u).
 double expected_x_tap(Stencil s, int u, int v) {
   switch (s) {
@@ -88,7 +88,7 @@ double expected_x_tap(Stencil s, int u, int v) {
   return 0.0;
 }
 
-// Where SPEC section 1 defines Ax; Ay's range is this with rows and columns swapped.
+// Where docs/spec.md section 1 defines Ax; Ay's range is this with rows and columns swapped.
 bool expected_in_x_range(Stencil s, long long h, long long w, long long i, long long j) {
   switch (s) {
     case Stencil::Forward: return i >= 0 && i < h && j >= 0 && j < w - 1;

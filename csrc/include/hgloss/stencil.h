@@ -1,4 +1,4 @@
-// The finite-difference stencils of the heatmap gradient loss (SPEC section 1) and their adjoints.
+// The finite-difference stencils of the heatmap gradient loss (docs/spec.md section 1) and their adjoints.
 //
 // Every stencil is a 3x3 operator: Ax[i, j] = sum_{u,v in {-1,0,1}} x_tap(u, v) * D[i+u, j+v],
 // evaluated only at the positions of its valid range (the positions whose taps all fall inside

@@ -1,0 +1,190 @@
+"""The contract's rules that every layer shares (docs/spec.md): accepted dtypes and shapes, the
+argument checks and their messages, the accumulation and saved-gradient dtypes, the outputs of
+the fused operators, and the reduction over planes.
+
+A leaf module: it imports torch and the stencil table only, so the backends, the registration
+layer and the public function can all build on it. The C++ operators check their arguments with
+the same rules and messages in csrc/heatmap_loss.h; tests/test_operators.py calls every fused
+operator directly with the same bad arguments to keep the two in step.
+"""
+
+import math
+from numbers import Real
+
+import torch
+
+from .stencils import STENCILS, check_stencil
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def accumulation_dtype(pred: torch.Tensor) -> torch.dtype:
+    """float64 for a float64 pred, else float32: the dtype of every sum and of the loss."""
+    return torch.float64 if pred.dtype == torch.float64 else torch.float32
+
+
+def saved_gradient_dtype(pred: torch.Tensor) -> torch.dtype:
+    """The dtype of the dL/dD a fused forward returns: bfloat16 for a bfloat16 pred (its
+    gradient's own dtype, so no float32 copy is kept); otherwise the accumulation dtype. float16
+    keeps float32 because a loss-scaled backward multiplies the saved gradient by up to 2^16, and
+    float16 would first flush its small values."""
+    return torch.bfloat16 if pred.dtype == torch.bfloat16 else accumulation_dtype(pred)
+
+
+def _shape(tensor: torch.Tensor) -> tuple[int, ...]:
+    return tuple(tensor.shape)
+
+
+def check_dtype(name: str, tensor: torch.Tensor) -> None:
+    if tensor.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"{name} must have a floating dtype (float16, bfloat16, float32 or float64), got {tensor.dtype}"
+        )
+
+
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if name == "stencil":
+        check_stencil(value)
+    elif value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; expected one of {list(choices)}")
+
+
+def check_term_weight(name: str, value) -> float:
+    """mse_weight or grad_weight as a float: any real number that is finite and >= 0, the same
+    for every backend (a Fraction or a large int is converted once, here)."""
+    if isinstance(value, bool) or not isinstance(value, (Real, torch.SymInt, torch.SymFloat)):
+        raise ValueError(f"{name} must be a real number, got {type(value).__name__}")
+    try:
+        as_float = float(value)
+    except OverflowError:
+        as_float = math.inf
+    # Comparisons rather than math.isfinite, which torch.compile cannot trace on a symbolic
+    # float; NaN fails both.
+    if not 0.0 <= as_float < math.inf:
+        raise ValueError(f"{name} must be finite and >= 0, got {value}")
+    return as_float
+
+
+def check_loss_arguments(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    teacher: torch.Tensor | None,
+    alpha: float | torch.Tensor | None,
+    weight: torch.Tensor | None,
+    mse_weight: float,
+    grad_weight: float,
+    stencil: str,
+    reduction: str,
+    operator: bool = False,
+) -> tuple[float, float]:
+    """Every check of docs/spec.md section 2; returns mse_weight and grad_weight as floats.
+
+    The public function takes a float or (B,) alpha and a (B, K), (B, K, 1) or (B, K, 1, 1)
+    target_weight. A fused operator (`operator=True`) takes a (B,) alpha tensor, required with a
+    teacher and otherwise optional, and a (B, K) weight."""
+    weight_name = "weight" if operator else "target_weight"
+    if not isinstance(pred, torch.Tensor) or not isinstance(target, torch.Tensor):
+        raise TypeError("pred and target must be tensors")
+    named = {"pred": pred, "target": target, "teacher": teacher, weight_name: weight}
+    if isinstance(alpha, torch.Tensor):
+        named["alpha"] = alpha
+    named = {name: tensor for name, tensor in named.items() if tensor is not None}
+    for name, tensor in named.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(tensor).__name__}")
+        check_dtype(name, tensor)
+
+    devices = {name: tensor.device for name, tensor in named.items()}
+    if len(set(devices.values())) > 1:
+        listed = ", ".join(f"{name} on {device}" for name, device in devices.items())
+        raise ValueError(f"all tensors must be on one device, got {listed}")
+
+    if pred.dim() != 4:
+        raise ValueError(f"pred must be 4-D (B, K, H, W), got shape {_shape(pred)}")
+    batch, joints, height, width = pred.shape
+    if joints < 1 or height < 1 or width < 1:
+        raise ValueError(f"pred must have K, H, W >= 1, got shape {_shape(pred)}")
+    for name in ("target", "teacher"):
+        tensor = named.get(name)
+        if tensor is not None and tensor.shape != pred.shape:
+            raise ValueError(f"{name} shape {_shape(tensor)} differs from pred shape {_shape(pred)}")
+    if weight is not None:
+        accepted = [(batch, joints)] if operator else [(batch, joints), (batch, joints, 1), (batch, joints, 1, 1)]
+        if _shape(weight) not in accepted:
+            raise ValueError(
+                f"{weight_name} shape {_shape(weight)} is not one of {accepted} for pred shape {_shape(pred)}"
+            )
+
+    if isinstance(alpha, torch.Tensor):
+        if _shape(alpha) != (batch,):
+            raise ValueError(f"alpha tensor must have shape ({batch},) for batch size {batch}, got {_shape(alpha)}")
+    elif alpha is None:
+        if teacher is not None:
+            raise ValueError(f"a teacher needs an alpha tensor of shape ({batch},)")
+    elif isinstance(alpha, bool) or not isinstance(alpha, Real) or not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be a float in [0, 1] or a (B,) tensor, got {alpha!r}")
+
+    mse_weight = check_term_weight("mse_weight", mse_weight)
+    grad_weight = check_term_weight("grad_weight", grad_weight)
+    check_choice("stencil", stencil, STENCILS)
+    check_choice("reduction", reduction, REDUCTIONS)
+    return mse_weight, grad_weight
+
+
+def check_operator_arguments(pred, target, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction) -> None:
+    """The checks of a direct call of a fused operator: as the public function's, except that
+    alpha is a (B,) tensor or None (required with a teacher) and the weight is (B, K)."""
+    if alpha is not None and not isinstance(alpha, torch.Tensor):
+        raise TypeError(f"alpha must be a tensor or None, got {type(alpha).__name__}")
+    check_loss_arguments(
+        pred, target, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction, operator=True
+    )
+
+
+def operator_outputs(pred: torch.Tensor, reduction: str, compute_grad: bool):
+    """Empty (loss, terms, grad) of a fused operator for this pred: the loss (0-dim, or (B, K) for
+    "none") and the (B, K) terms in the accumulation dtype, and dL/dD (B, K, H, W) in the saved
+    gradient dtype when compute_grad, else an empty (0,) tensor."""
+    dtype = accumulation_dtype(pred)
+    planes = pred.shape[:2]
+    loss = pred.new_empty(planes if reduction == "none" else (), dtype=dtype)
+    terms = pred.new_empty(planes, dtype=dtype)
+    grad = pred.new_empty(pred.shape if compute_grad else (0,), dtype=saved_gradient_dtype(pred))
+    return loss, terms, grad
+
+
+def fake_heatmap_loss(
+    pred, target, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction, compute_grad
+):
+    """The fake (meta) implementation shared by every fused operator: the checks, then outputs
+    of the right shapes and dtypes."""
+    check_operator_arguments(pred, target, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction)
+    return operator_outputs(pred, reduction, compute_grad)
+
+
+def check_scale_arguments(grad: torch.Tensor, scale: torch.Tensor) -> None:
+    """The checks of a direct call of a scale_gradient_ operator: grad a contiguous (B, K, H, W)
+    saved gradient, scale one value or one per plane, both on one device."""
+    if grad.dim() != 4 or not grad.is_contiguous():
+        raise ValueError(f"grad must be a contiguous (B, K, H, W) tensor, got shape {_shape(grad)}")
+    if grad.dtype not in (torch.bfloat16, torch.float32, torch.float64):
+        raise TypeError(f"grad must be bfloat16, float32 or float64, got {grad.dtype}")
+    if not scale.is_floating_point():
+        raise TypeError(f"scale must have a floating dtype, got {scale.dtype}")
+    planes = grad.shape[0] * grad.shape[1]
+    if scale.numel() not in (1, planes):
+        raise ValueError(f"scale must hold 1 or B*K = {planes} values, got {scale.numel()}")
+    if scale.device != grad.device:
+        raise ValueError(f"all tensors must be on one device, got grad on {grad.device}, scale on {scale.device}")
+
+
+def reduce_plane_losses(plane_losses: torch.Tensor, reduction: str) -> torch.Tensor:
+    """"none" keeps the planes; "sum" adds them; "mean" divides the sum by their number (0 when
+    there is none)."""
+    if reduction == "none":
+        return plane_losses
+    total = plane_losses.sum()
+    if reduction == "sum":
+        return total
+    return total / max(plane_losses.numel(), 1)
