@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 
 import hgloss
+from hgloss import stencils
 
 try:
     from . import _timing as timing
@@ -182,20 +183,26 @@ LossFn = Callable[[Inputs], torch.Tensor]
 
 
 def gradient_maps(x: torch.Tensor, stencil: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The x and y finite-difference maps of (B, K, H, W) heatmaps, valid positions only,
-    written the way pose-estimation code does."""
-    if stencil == "forward":
-        return x[..., :, 1:] - x[..., :, :-1], x[..., 1:, :] - x[..., :-1, :]
-    if stencil == "central":
-        return (x[..., :, 2:] - x[..., :, :-2]) / 2, (x[..., 2:, :] - x[..., :-2, :]) / 2
-    if stencil == "sobel":
-        sobel_x = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], device=x.device) / 8
-        kernels = torch.stack([sobel_x, sobel_x.T]).unsqueeze(1).to(x.dtype)
-        batch, joints, height, width = x.shape
-        maps = F.conv2d(x.reshape(batch * joints, 1, height, width), kernels)
-        maps = maps.reshape(batch, joints, 2, height - 2, width - 2)
-        return maps[:, :, 0], maps[:, :, 1]
-    raise ValueError(f"unknown stencil {stencil!r}")
+    """The x and y finite-difference maps of (B, K, H, W) heatmaps, valid positions only, written
+    the way pose-estimation code does: differences of shifted slices (x[..., 1:] - x[..., :-1]
+    for "forward"), taken from the stencil table hgloss.stencils."""
+    height, width = x.shape[-2:]
+    maps = []
+    for axis in stencils.AXES:
+        rows, cols = stencils.valid_shape(height, width, stencil, axis)
+        top, _, left, _ = stencils.margins(stencil, axis)
+
+        def shifted(row: int, col: int) -> torch.Tensor:
+            return x[..., top + row : top + row + rows, left + col : left + col + cols]
+
+        total = None
+        for weight, plus_row, plus_col, minus_row, minus_col in stencils.differences(stencil, axis):
+            difference = shifted(plus_row, plus_col) - shifted(minus_row, minus_col)
+            difference = difference if weight == 1 else weight * difference
+            total = difference if total is None else total + difference
+        scale = stencils.scale(stencil)
+        maps.append(total if scale == 1 else scale * total)
+    return maps[0], maps[1]
 
 
 def eager_loss(
@@ -547,7 +554,7 @@ def sweep_values(args: argparse.Namespace) -> dict[str, list]:
         if dtype not in DTYPES:
             raise SystemExit(f"bench_loss.py: error: unknown dtype {dtype!r}; expected one of {list(DTYPES)}")
     for stencil in values["stencil"]:
-        if stencil not in hgloss.functional.STENCILS:
+        if stencil not in stencils.STENCILS:
             raise SystemExit(f"bench_loss.py: error: unknown stencil {stencil!r}")
     return values
 

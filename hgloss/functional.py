@@ -71,8 +71,9 @@ def check_settings(
 
 
 def _under_functorch_transform() -> bool:
-    """Whether a torch.func transform (grad, vmap, jacrev, ...) is active."""
-    return torch._C._functorch.peek_interpreter_stack() is not None
+    """Whether a torch.func transform (grad, vmap, jacrev, ...) is active. torch.compile traces
+    transforms in its own way and is not asked."""
+    return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -115,6 +116,10 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "cuda":
         _build.load_cuda_kernels()
     return backend
+
+
+def _usable_for_backward(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return tensor.clone() if tensor is not None and tensor.is_inference() else tensor
 
 
 def heatmap_gradient_loss(
@@ -183,6 +188,15 @@ def heatmap_gradient_loss(
             blend = torch.full((pred.shape[0],), float(alpha), dtype=dtype, device=pred.device)
 
     plane_weight = None if target_weight is None else target_weight.reshape(pred.shape[:2])
+    tracked = (pred, target, teacher, plane_weight)
+    if (
+        torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and any(tensor is not None and tensor.requires_grad for tensor in tracked)
+    ):
+        # The backward keeps these; one made under torch.inference_mode cannot be kept, its copy
+        # can. (Dynamo cannot ask is_inference: compiled code passes tensors as they are.)
+        target, teacher, blend, plane_weight = map(_usable_for_backward, (target, teacher, blend, plane_weight))
     if backend != "reference":
         return ops.fused_heatmap_loss(
             backend, pred, target, teacher, blend, plane_weight, mse_weight, grad_weight, stencil, reduction

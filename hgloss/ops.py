@@ -183,21 +183,12 @@ def _triton_backward(ctx, grad_loss, _grad_of_terms, _grad_of_saved_gradient):
     return tuple(grads)
 
 
-def _usable_for_backward(tensor: torch.Tensor | None) -> torch.Tensor | None:
-    """An inference tensor (made under torch.inference_mode) cannot be saved for the backward;
-    its copy outside inference mode can."""
-    return tensor.clone() if tensor is not None and tensor.is_inference() else tensor
-
-
 def fused_heatmap_loss(backend, pred, target, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction):
     """The loss from the operator of a fused backend, on checked arguments; `weight` is (B, K)
     or None and `alpha` a (B,) tensor, or None without a teacher."""
-    compute_grad = False
-    if torch.is_grad_enabled():
-        compute_grad = pred.requires_grad or target.requires_grad or (teacher is not None and teacher.requires_grad)
-        if compute_grad or (weight is not None and weight.requires_grad):
-            # The operator's autograd node will save these.
-            target, teacher, alpha, weight = map(_usable_for_backward, (target, teacher, alpha, weight))
+    compute_grad = torch.is_grad_enabled() and (
+        pred.requires_grad or target.requires_grad or (teacher is not None and teacher.requires_grad)
+    )
     operator = getattr(torch.ops.hgloss, OPERATOR_NAMES[backend])
     loss, _, _ = operator(pred, target, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction, compute_grad)
     return loss

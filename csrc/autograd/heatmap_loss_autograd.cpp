@@ -9,6 +9,10 @@
 // forward pass, as does the backward of a call made with compute_grad=false. When the backward is
 // traced (torch.compile, AOTAutograd, opcheck) the scaling is a functional multiply instead: a
 // traced graph must not mutate a saved forward output. Double backward raises a clear error.
+//
+// The Triton operator has the same autograd in Python (hgloss/ops.py), so that it works without
+// this extension; the two decide "traced" by the same dispatch keys and raise the same message,
+// and tests/test_operators.py runs both through the same backward scenarios.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
