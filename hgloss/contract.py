@@ -15,7 +15,7 @@ import torch
 
 from .stencils import STENCILS, check_stencil
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+SUPPORTED_DTYPES = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
 REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -48,6 +48,11 @@ def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         check_stencil(value)
     elif value not in choices:
         raise ValueError(f"unknown {name} {value!r}; expected one of {list(choices)}")
+
+
+def _is_real(value) -> bool:
+    """A real number and not a bool; a float is asked first, without the slower ABC check."""
+    return type(value) is float or (not isinstance(value, bool) and isinstance(value, Real))
 
 
 def check_term_weight(name: str, value) -> float:
@@ -86,18 +91,21 @@ def check_loss_arguments(
     weight_name = "weight" if operator else "target_weight"
     if not isinstance(pred, torch.Tensor) or not isinstance(target, torch.Tensor):
         raise TypeError("pred and target must be tensors")
-    named = {"pred": pred, "target": target, "teacher": teacher, weight_name: weight}
-    if isinstance(alpha, torch.Tensor):
-        named["alpha"] = alpha
-    named = {name: tensor for name, tensor in named.items() if tensor is not None}
-    for name, tensor in named.items():
+    named = (
+        ("pred", pred), ("target", target), ("teacher", teacher), (weight_name, weight),
+        ("alpha", alpha if isinstance(alpha, torch.Tensor) else None),
+    )
+    device = pred.device
+    one_device = True
+    for name, tensor in named:
+        if tensor is None:
+            continue
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"{name} must be a tensor, got {type(tensor).__name__}")
         check_dtype(name, tensor)
-
-    devices = {name: tensor.device for name, tensor in named.items()}
-    if len(set(devices.values())) > 1:
-        listed = ", ".join(f"{name} on {device}" for name, device in devices.items())
+        one_device = one_device and tensor.device == device
+    if not one_device:
+        listed = ", ".join(f"{name} on {tensor.device}" for name, tensor in named if tensor is not None)
         raise ValueError(f"all tensors must be on one device, got {listed}")
 
     if pred.dim() != 4:
@@ -105,8 +113,7 @@ def check_loss_arguments(
     batch, joints, height, width = pred.shape
     if joints < 1 or height < 1 or width < 1:
         raise ValueError(f"pred must have K, H, W >= 1, got shape {_shape(pred)}")
-    for name in ("target", "teacher"):
-        tensor = named.get(name)
+    for name, tensor in named[1:3]:
         if tensor is not None and tensor.shape != pred.shape:
             raise ValueError(f"{name} shape {_shape(tensor)} differs from pred shape {_shape(pred)}")
     if weight is not None:
@@ -122,7 +129,7 @@ def check_loss_arguments(
     elif alpha is None:
         if teacher is not None:
             raise ValueError(f"a teacher needs an alpha tensor of shape ({batch},)")
-    elif isinstance(alpha, bool) or not isinstance(alpha, Real) or not 0.0 <= alpha <= 1.0:
+    elif not _is_real(alpha) or not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be a float in [0, 1] or a (B,) tensor, got {alpha!r}")
 
     mse_weight = check_term_weight("mse_weight", mse_weight)

@@ -73,7 +73,7 @@ def check_settings(
 def _under_functorch_transform() -> bool:
     """Whether a torch.func transform (grad, vmap, jacrev, ...) is active. torch.compile traces
     transforms in its own way and is not asked."""
-    return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
+    return torch._C._functorch.peek_interpreter_stack() is not None and not torch.compiler.is_compiling()
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -188,14 +188,12 @@ def heatmap_gradient_loss(
             blend = torch.full((pred.shape[0],), float(alpha), dtype=dtype, device=pred.device)
 
     plane_weight = None if target_weight is None else target_weight.reshape(pred.shape[:2])
-    tracked = (pred, target, teacher, plane_weight)
-    if (
-        torch.is_grad_enabled()
-        and not torch.compiler.is_compiling()
-        and any(tensor is not None and tensor.requires_grad for tensor in tracked)
-    ):
-        # The backward keeps these; one made under torch.inference_mode cannot be kept, its copy
-        # can. (Dynamo cannot ask is_inference: compiled code passes tensors as they are.)
+    # The backward keeps these; one made under torch.inference_mode cannot be kept, its copy can.
+    # (Dynamo cannot ask is_inference: compiled code passes tensors as they are.)
+    tracked = pred.requires_grad or target.requires_grad or (teacher is not None and teacher.requires_grad) or (
+        plane_weight is not None and plane_weight.requires_grad
+    )
+    if tracked and torch.is_grad_enabled() and not torch.compiler.is_compiling():
         target, teacher, blend, plane_weight = map(_usable_for_backward, (target, teacher, blend, plane_weight))
     if backend != "reference":
         return ops.fused_heatmap_loss(

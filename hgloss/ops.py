@@ -71,16 +71,25 @@ def _triton_can_run() -> bool:
 
 @_build.constant_under_compile
 def load_triton_operator() -> bool:
-    """Whether hgloss::triton_heatmap_loss is usable, defining it on the first call."""
-    global _triton_loaded, _triton_backend
+    """Whether hgloss::triton_heatmap_loss is usable here, defining it on the first call."""
+    global _triton_loaded
     if _triton_loaded is None:
         _triton_loaded = _triton_can_run()
         if _triton_loaded:
-            from .backends import triton as triton_backend
-
-            _register_triton_operator(triton_backend)
-            _triton_backend = triton_backend
+            define_triton_operator()
     return _triton_loaded
+
+
+def define_triton_operator() -> None:
+    """Defines hgloss::triton_heatmap_loss with its fake implementation and autograd, once: a
+    triton_op for GPUs, or under the interpreter a custom op for CPU tensors. Tracing the GPU
+    form needs no GPU, which the tests use."""
+    global _triton_backend
+    if _triton_backend is None:
+        from .backends import triton as triton_backend
+
+        _register_triton_operator(triton_backend)
+        _triton_backend = triton_backend
 
 
 @_build.constant_under_compile
@@ -89,35 +98,17 @@ def triton_interpreting() -> bool:
     return load_triton_operator() and _triton_backend.INTERPRETING
 
 
-def _checked_triton_heatmap_loss(
-    pred: torch.Tensor,
-    target: torch.Tensor,
-    teacher: torch.Tensor | None,
-    alpha: torch.Tensor | None,
-    weight: torch.Tensor | None,
-    mse_weight: float,
-    grad_weight: float,
-    stencil: str,
-    reduction: str,
-    compute_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    contract.check_operator_arguments(pred, target, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction)
-    return _triton_backend.heatmap_loss(
-        pred, target, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction, compute_grad
-    )
-
-
 def _register_triton_operator(triton_backend) -> None:
     name = "hgloss::triton_heatmap_loss"
     if triton_backend.INTERPRETING:
         # The interpreter runs kernels on CPU tensors, which triton_op cannot trace: a plain
         # custom op with the shared fake implementation.
-        torch.library.custom_op(name, mutates_args=())(_checked_triton_heatmap_loss)
+        torch.library.custom_op(name, mutates_args=())(triton_backend.heatmap_loss)
         torch.library.register_fake(name)(contract.fake_heatmap_loss)
     else:
         # On a GPU, a triton_op: torch.compile sees the kernels, and inductor launches them from
         # its own code, plans the buffers and fuses the caller's arithmetic on the loss.
-        torch.library.triton_op(name, mutates_args=())(_checked_triton_heatmap_loss)
+        torch.library.triton_op(name, mutates_args=())(triton_backend.heatmap_loss)
     torch.library.register_autograd(name, _triton_backward, setup_context=_triton_setup_context)
 
 

@@ -116,8 +116,10 @@ def test_gpu_registration_traces_with_fake_cuda_tensors():
         """
         import torch
         from torch._subclasses.fake_tensor import FakeTensorMode
+        from hgloss import ops
         from hgloss.backends import triton as triton_backend
         assert not triton_backend.INTERPRETING
+        ops.define_triton_operator()
         with FakeTensorMode():
             pred, target, teacher = (torch.empty(4, 17, 64, 48, device="cuda", dtype=torch.bfloat16) for _ in range(3))
             alpha, weight = torch.empty(4, device="cuda"), torch.empty(4, 17, device="cuda")

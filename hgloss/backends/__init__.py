@@ -1,3 +1,3 @@
-"""The backends behind hgloss.heatmap_gradient_loss. Each computes the per-plane terms
-mse_weight * V + grad_weight * R of docs/spec.md section 1; the target weight and the reduction are
-applied once, in hgloss.functional."""
+"""The backends behind hgloss.heatmap_gradient_loss: the reference (plain PyTorch), the Triton
+kernels, and the loader of the C++ extension (CPU and CUDA kernels). They build on hgloss.contract
+and hgloss.stencils, and never import the registration layer, hgloss.ops."""

@@ -1,8 +1,8 @@
 """The Triton backend: the fused loss of docs/spec.md as Triton kernels.
 
-`heatmap_loss` and `scale_gradient_` are the bodies of the operators hgloss::triton_heatmap_loss
-and its in-place scaling; hgloss/ops.py registers them. This module knows nothing of the
-registration: it launches kernels on valid arguments and returns tensors.
+`heatmap_loss` is the body of the operator hgloss::triton_heatmap_loss and `scale_gradient_` its
+backward's in-place scaling; hgloss/ops.py registers them. This module knows nothing of the
+registration: it checks arguments by the contract, launches kernels and returns tensors.
 
 What one program owns
     Program (p, t) of the tile kernel owns tile t, TILE consecutive pixels of the flattened
@@ -41,7 +41,7 @@ from torch.library import wrap_triton
 from triton.runtime.interpreter import InterpretedFunction
 
 from .. import stencils
-from ..contract import accumulation_dtype, operator_outputs
+from ..contract import accumulation_dtype, check_operator_arguments, operator_outputs
 
 # Per stencil, the most pixels of one plane a tile-kernel program owns and its warps. A thread
 # keeps the D values its stencil reuses in registers; fewer pixels per thread for the wider
@@ -389,8 +389,9 @@ def heatmap_loss(
     reduction: str,
     compute_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, per-plane terms, dL/dD or an empty tensor) computed by the Triton kernels, for
-    arguments that passed hgloss.contract.check_operator_arguments."""
+    """(loss, per-plane terms, dL/dD or an empty tensor) computed by the Triton kernels: the body
+    of hgloss::triton_heatmap_loss, so it checks its arguments as every operator does."""
+    check_operator_arguments(pred, target, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction)
     batch, joints, height, width = pred.shape
     plane_count = batch * joints
     tile_pixels, tiles, planes_per_program, num_warps = launch_shape(height, width, stencil)
