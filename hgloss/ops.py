@@ -81,24 +81,13 @@ def load_triton_operator() -> bool:
 
 
 def define_triton_operator() -> None:
-    """Defines hgloss::triton_heatmap_loss with its fake implementation and autograd, once: a
-    triton_op for GPUs, or under the interpreter a custom op for CPU tensors. Tracing the GPU
-    form needs no GPU, which the tests use."""
+    """Defines hgloss::triton_heatmap_loss with its fake implementation and autograd, once.
+    Tracing the GPU form needs no GPU, which the tests use."""
     global _triton_backend
-    if _triton_backend is None:
-        from .backends import triton as triton_backend
+    if _triton_backend is not None:
+        return
+    from .backends import triton as triton_backend
 
-        _register_triton_operator(triton_backend)
-        _triton_backend = triton_backend
-
-
-@_build.constant_under_compile
-def triton_interpreting() -> bool:
-    """Whether the Triton operator runs its kernels in the interpreter, on CPU tensors."""
-    return load_triton_operator() and _triton_backend.INTERPRETING
-
-
-def _register_triton_operator(triton_backend) -> None:
     name = "hgloss::triton_heatmap_loss"
     if triton_backend.INTERPRETING:
         # The interpreter runs kernels on CPU tensors, which triton_op cannot trace: a plain
@@ -110,6 +99,13 @@ def _register_triton_operator(triton_backend) -> None:
         # its own code, plans the buffers and fuses the caller's arithmetic on the loss.
         torch.library.triton_op(name, mutates_args=())(triton_backend.heatmap_loss)
     torch.library.register_autograd(name, _triton_backward, setup_context=_triton_setup_context)
+    _triton_backend = triton_backend
+
+
+@_build.constant_under_compile
+def triton_interpreting() -> bool:
+    """Whether the Triton operator runs its kernels in the interpreter, on CPU tensors."""
+    return load_triton_operator() and _triton_backend.INTERPRETING
 
 
 def is_traced(tensor: torch.Tensor) -> bool:
