@@ -27,8 +27,9 @@ Why the sums are deterministic
 The stencil comes from hgloss.stencils as constexprs, unrolled with tl.static_range: its scale,
 each map's taps paired into weighted differences, and the margins of each map's valid range.
 The pairs keep the arithmetic as the formulas are written, a difference per pair and one
-multiply by the scale per map: summed tap by tap instead, the sobel kernel took 147 to 155
-registers instead of 125 (ptxas, sm_90, float32 with teacher and weight).
+multiply by the scale per map. Summed tap by tap instead, the sobel kernel needs 147 to 155
+registers rather than 128 (ptxas, sm_90, float32 with teacher and weight), above the 128 that
+let two 256-thread programs share an SM.
 """
 
 import functools
