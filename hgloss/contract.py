@@ -102,7 +102,8 @@ def check_loss_arguments(
             continue
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"{name} must be a tensor, got {type(tensor).__name__}")
-        check_dtype(name, tensor)
+        if tensor.dtype not in SUPPORTED_DTYPES:
+            check_dtype(name, tensor)
         one_device = one_device and tensor.device == device
     if not one_device:
         listed = ", ".join(f"{name} on {tensor.device}" for name, tensor in named if tensor is not None)

@@ -118,10 +118,6 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def _usable_for_backward(tensor: torch.Tensor | None) -> torch.Tensor | None:
-    return tensor.clone() if tensor is not None and tensor.is_inference() else tensor
-
-
 def heatmap_gradient_loss(
     pred: torch.Tensor,
     target: torch.Tensor,
@@ -188,18 +184,27 @@ def heatmap_gradient_loss(
             blend = torch.full((pred.shape[0],), float(alpha), dtype=dtype, device=pred.device)
 
     plane_weight = None if target_weight is None else target_weight.reshape(pred.shape[:2])
-    # The backward keeps these; one made under torch.inference_mode cannot be kept, its copy can.
-    # (Dynamo cannot ask is_inference: compiled code passes tensors as they are.)
-    tracked = pred.requires_grad or target.requires_grad or (teacher is not None and teacher.requires_grad) or (
-        plane_weight is not None and plane_weight.requires_grad
-    )
-    if tracked and torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        target, teacher, blend, plane_weight = map(_usable_for_backward, (target, teacher, blend, plane_weight))
+    kept = (target, teacher, blend, plane_weight)
+    try:
+        return _compute(backend, pred, *kept, mse_weight, grad_weight, stencil, reduction)
+    except RuntimeError:
+        # The backward keeps these inputs, and one made under torch.inference_mode cannot be
+        # kept ("Inference tensors cannot be saved for backward"); its copy can. Asked only after
+        # a failure, so that the usual call pays nothing (and Dynamo, which cannot ask
+        # is_inference, never gets here).
+        if not any(tensor is not None and tensor.is_inference() for tensor in kept):
+            raise
+    copies = (tensor.clone() if tensor is not None and tensor.is_inference() else tensor for tensor in kept)
+    return _compute(backend, pred, *copies, mse_weight, grad_weight, stencil, reduction)
+
+
+def _compute(backend, pred, target, teacher, blend, plane_weight, mse_weight, grad_weight, stencil, reduction):
+    """The loss from the chosen backend, on checked arguments."""
     if backend != "reference":
         return ops.fused_heatmap_loss(
             backend, pred, target, teacher, blend, plane_weight, mse_weight, grad_weight, stencil, reduction
         )
     terms = reference.plane_terms(pred, target, teacher, blend, mse_weight, grad_weight, stencil)
     if plane_weight is not None:
-        terms = terms * plane_weight.to(dtype)
+        terms = terms * plane_weight.to(contract.accumulation_dtype(pred))
     return contract.reduce_plane_losses(terms, reduction)
