@@ -65,7 +65,7 @@ struct HeatmapLossOutputs {
   at::Tensor plane_losses;     // (B, K) weight * terms
   at::Tensor terms;            // (B, K) mse_weight * V + grad_weight * R
   at::Tensor grad;             // (B, K, H, W) dL/dD when compute_grad, else (0,)
-  at::Tensor alpha, weight;    // contiguous, in acc_type; undefined when not given
+  at::Tensor alpha, weight;    // contiguous, in acc_type, weight as (B, K); undefined when not given
 };
 
 // hgloss.contract.check_operator_arguments, in the same order and with the same messages.
@@ -101,9 +101,12 @@ inline void check_heatmap_loss_arguments(const at::Tensor& pred, const at::Tenso
                       " differs from pred shape ", shape_string(pred.sizes()));
   }
   if (weight) {
-    TORCH_CHECK_VALUE(weight->dim() == 2 && weight->size(0) == B && weight->size(1) == K, "weight shape ",
-                      shape_string(weight->sizes()), " is not one of [(", B, ", ", K, ")] for pred shape ",
-                      shape_string(pred.sizes()));
+    // (B, K), (B, K, 1) or (B, K, 1, 1), as the public function takes it: passed on unreshaped, a
+    // view made in Python per call would cost more than the check.
+    bool accepted = weight->dim() >= 2 && weight->dim() <= 4 && weight->size(0) == B && weight->size(1) == K;
+    for (int64_t d = 2; accepted && d < weight->dim(); ++d) accepted = weight->size(d) == 1;
+    TORCH_CHECK_VALUE(accepted, "weight shape ", shape_string(weight->sizes()), " is not one of [(", B, ", ", K, "), (", B,
+                      ", ", K, ", 1), (", B, ", ", K, ", 1, 1)] for pred shape ", shape_string(pred.sizes()));
   }
   if (alpha) {
     TORCH_CHECK_VALUE(alpha->dim() == 1 && alpha->size(0) == B, "alpha tensor must have shape (", B,
@@ -138,7 +141,7 @@ inline HeatmapLossOutputs prepare_heatmap_loss(const at::Tensor& pred, const std
   const auto grad_type = pred.scalar_type() == at::kBFloat16 ? at::kBFloat16 : out.acc_type;
   out.grad = at::empty(compute_grad ? at::IntArrayRef{B, K, H, W} : at::IntArrayRef{0}, pred.options().dtype(grad_type));
   if (alpha) out.alpha = alpha->to(out.acc_type).contiguous();
-  if (weight) out.weight = weight->to(out.acc_type).contiguous();
+  if (weight) out.weight = weight->reshape({B, K}).to(out.acc_type).contiguous();
   return out;
 }
 

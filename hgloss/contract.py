@@ -87,7 +87,7 @@ def check_loss_arguments(
 
     The public function takes a float or (B,) alpha and a (B, K), (B, K, 1) or (B, K, 1, 1)
     target_weight. A fused operator (`operator=True`) takes a (B,) alpha tensor, required with a
-    teacher and otherwise optional, and a (B, K) weight."""
+    teacher and otherwise optional, and the same weight shapes under the name "weight"."""
     weight_name = "weight" if operator else "target_weight"
     if not isinstance(pred, torch.Tensor) or not isinstance(target, torch.Tensor):
         raise TypeError("pred and target must be tensors")
@@ -118,7 +118,7 @@ def check_loss_arguments(
         if tensor is not None and tensor.shape != pred.shape:
             raise ValueError(f"{name} shape {_shape(tensor)} differs from pred shape {_shape(pred)}")
     if weight is not None:
-        accepted = [(batch, joints)] if operator else [(batch, joints), (batch, joints, 1), (batch, joints, 1, 1)]
+        accepted = [(batch, joints), (batch, joints, 1), (batch, joints, 1, 1)]
         if _shape(weight) not in accepted:
             raise ValueError(
                 f"{weight_name} shape {_shape(weight)} is not one of {accepted} for pred shape {_shape(pred)}"
@@ -142,7 +142,7 @@ def check_loss_arguments(
 
 def check_operator_arguments(pred, target, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction) -> None:
     """The checks of a direct call of a fused operator: as the public function's, except that
-    alpha is a (B,) tensor or None (required with a teacher) and the weight is (B, K)."""
+    alpha is a (B,) tensor or None (required with a teacher)."""
     if alpha is not None and not isinstance(alpha, torch.Tensor):
         raise TypeError(f"alpha must be a tensor or None, got {type(alpha).__name__}")
     check_loss_arguments(

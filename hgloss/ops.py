@@ -145,7 +145,7 @@ def _triton_backward(ctx, grad_loss, _grad_of_terms, _grad_of_saved_gradient):
     if needs_weight:
         # For "mean" each plane's share of the upstream gradient is 1/(B*K) of it.
         plane_upstream = upstream / max(terms.numel(), 1) if reduction == "mean" else upstream
-        grads[4] = (plane_upstream * terms).to(weight.dtype)
+        grads[4] = (plane_upstream * terms).to(weight.dtype).reshape(weight.shape)
     if not (needs_pred or needs_target or needs_teacher):
         return tuple(grads)
 
@@ -171,8 +171,8 @@ def _triton_backward(ctx, grad_loss, _grad_of_terms, _grad_of_saved_gradient):
 
 
 def fused_heatmap_loss(backend, pred, target, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction):
-    """The loss from the operator of a fused backend, on checked arguments; `weight` is (B, K)
-    or None and `alpha` a (B,) tensor, or None without a teacher."""
+    """The loss from the operator of a fused backend, on checked arguments; `weight` is (B, K),
+    (B, K, 1), (B, K, 1, 1) or None and `alpha` a (B,) tensor, or None without a teacher."""
     compute_grad = torch.is_grad_enabled() and (
         pred.requires_grad or target.requires_grad or (teacher is not None and teacher.requires_grad)
     )

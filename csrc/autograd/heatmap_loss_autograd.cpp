@@ -110,7 +110,7 @@ class HeatmapLossFunction : public torch::autograd::Function<HeatmapLossFunction
       // there is nothing to divide.
       const at::Tensor plane_upstream =
           mean ? upstream / c10::Scalar(std::max<c10::SymInt>(terms.sym_numel(), 1)) : upstream;
-      grads[4] = (plane_upstream * terms).to(weight.scalar_type());
+      grads[4] = (plane_upstream * terms).to(weight.scalar_type()).reshape(weight.sizes());
     }
     if (!(needs_pred || needs_target || needs_teacher)) return grads;
 

@@ -402,7 +402,7 @@ def heatmap_loss(
 
     loss, terms, grad = operator_outputs(pred, reduction, compute_grad)
     partials = pred.new_empty((plane_count, tiles, 2), dtype=accumulation_dtype(pred))
-    weight_strides = (0, 0) if weight is None else weight.stride()
+    weight_strides = (0, 0) if weight is None else weight.stride()[:2]  # (B, K[, 1[, 1]])
 
     if plane_count > 0:
         wrap_triton(_plane_tile_kernel)[(triton.cdiv(plane_count, planes_per_program), tiles)](
