@@ -24,6 +24,7 @@ summary.md and, when matplotlib is installed, plots to benchmarks/results/<devic
 Examples::
 
     python benchmarks/bench_loss.py                      # B=64 K=17 64x48 float32, teacher on
+    python benchmarks/bench_loss.py --threads 1,2        # every provider at 1 and at 2 CPU threads
     python benchmarks/bench_loss.py --batch 8,32,128 --teacher on,off --mode fwd,bwd,fwd+bwd
     python benchmarks/bench_loss.py --device cuda --dtype float32,bfloat16 --stencil forward,sobel
     python benchmarks/bench_loss.py --providers eager,cpu --repeats 100 --out /tmp/bench
@@ -114,6 +115,7 @@ class Config:
     dtype: str
     teacher: bool
     stencil: str
+    threads: int = 0  # torch's CPU threads for this measurement; 0 on CUDA
 
     @property
     def elements(self) -> int:
@@ -131,9 +133,10 @@ class Config:
 
     def label(self) -> str:
         teacher = "teacher" if self.teacher else "no-teacher"
+        threads = f" {self.threads} thread{'s' if self.threads > 1 else ''}" if self.threads else ""
         return (
             f"{self.device} B={self.batch} K={self.joints} {self.height}x{self.width} "
-            f"{self.dtype} {teacher} {self.stencil}"
+            f"{self.dtype} {teacher} {self.stencil}{threads}"
         )
 
 
@@ -518,6 +521,9 @@ def build_parser() -> argparse.ArgumentParser:
         + f"; with a {FULL_MAX_SECONDS:g} s budget per measurement unless --max-seconds is given",
     )
     parser.add_argument("--device", help="cpu, cuda (default: cuda when available, else cpu)")
+    parser.add_argument(
+        "--threads", help=f"CPU thread counts to time every provider at, e.g. 1,2 [{torch.get_num_threads()}, torch's]"
+    )
     parser.add_argument("--mode", default="fwd+bwd", help="fwd, bwd, fwd+bwd [fwd+bwd]")
     parser.add_argument("--providers", help="default: eager, reference, compile and every fused backend")
     parser.add_argument("--repeats", type=int, default=30, help="timed runs per measurement [30]")
@@ -627,13 +633,14 @@ def derived(row: Measurement, copy_bandwidth: float) -> dict[str, float | None]:
     return result
 
 
-CONFIG_COLUMNS = ("device", "batch", "joints", "size", "dtype", "teacher", "stencil", "mode")
+CONFIG_COLUMNS = ("device", "threads", "batch", "joints", "size", "dtype", "teacher", "stencil", "mode")
 
 
 def config_values(row: Measurement) -> dict[str, str]:
     config = row.config
     return {
         "device": config.device,
+        "threads": str(config.threads) if config.threads else "-",
         "batch": str(config.batch),
         "joints": str(config.joints),
         "size": f"{config.height}x{config.width}",
@@ -842,13 +849,14 @@ def write_plots(out: Path, rows: list[Measurement]) -> list[Path]:
                 config.teacher,
                 config.stencil,
                 row.mode,
+                config.threads,
             )
             groups.setdefault(key, []).append(row)
     written = []
     for key, group in groups.items():
         if len({row.config.batch for row in group}) < 2:
             continue
-        device, joints, height, width, dtype, teacher, stencil, mode = key
+        device, joints, height, width, dtype, teacher, stencil, mode, threads = key
         figure, (time_axes, memory_axes) = plt.subplots(1, 2, figsize=(11, 4.2))
         for provider in dict.fromkeys(row.provider for row in group):
             points = sorted(
@@ -871,9 +879,17 @@ def write_plots(out: Path, rows: list[Measurement]) -> list[Path]:
             axes.grid(True, which="both", alpha=0.3)
             axes.legend()
         teacher_text = "teacher" if teacher else "no teacher"
-        figure.suptitle(f"{device}: K={joints}, {height}x{width}, {dtype}, {teacher_text}, {stencil} stencil, {mode}")
+        threads_text = f", {threads} thread{'s' if threads > 1 else ''}" if threads else ""
+        figure.suptitle(
+            f"{device}: K={joints}, {height}x{width}, {dtype}, {teacher_text}, {stencil} stencil, {mode}{threads_text}"
+        )
         figure.tight_layout()
-        name = f"{device}_k{joints}_{height}x{width}_{dtype}_teacher-{'on' if teacher else 'off'}_{stencil}_{mode}.png"
+        # The thread count enters the name only when the run compared several.
+        threads_part = f"_{threads}threads" if len({row.config.threads for row in rows}) > 1 else ""
+        name = (
+            f"{device}_k{joints}_{height}x{width}_{dtype}_teacher-{'on' if teacher else 'off'}_{stencil}_{mode}"
+            f"{threads_part}.png"
+        )
         path = out / name.replace("+", "-")
         figure.savefig(path, dpi=110)
         plt.close(figure)
@@ -891,6 +907,7 @@ def progress(text: str, end: str = "\n") -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    default_threads = torch.get_num_threads()
     for name in ("repeats", "warmup", "buffer_sets"):
         if getattr(args, name) < (0 if name == "warmup" else 1):
             raise SystemExit(f"bench_loss.py: error: --{name.replace('_', '-')} is too small")
@@ -901,12 +918,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     devices = resolve_devices(args)
     providers = {device: resolve_providers(args, device) for device in devices}
     budget = Budget(args.max_seconds if args.max_seconds is not None else (FULL_MAX_SECONDS if args.full else None))
+    try:
+        thread_counts = parse_list(args.threads, int) if args.threads else [torch.get_num_threads()]
+    except ValueError as error:
+        raise SystemExit(f"bench_loss.py: error: --threads: {error}") from None
+    if min(thread_counts) < 1:
+        raise SystemExit("bench_loss.py: error: thread counts must be at least 1")
     configs = [
-        Config(device, batch, joints, height, width, dtype, teacher, stencil)
-        for device, dtype, teacher, stencil, joints, (height, width), batch in itertools.product(
-            devices, sweep["dtype"], sweep["teacher"], sweep["stencil"], sweep["joints"], sweep["size"], sweep["batch"]
+        Config(device, batch, joints, height, width, dtype, teacher, stencil, threads if device == "cpu" else 0)
+        for device, dtype, teacher, stencil, joints, (height, width), batch, threads in itertools.product(
+            devices, sweep["dtype"], sweep["teacher"], sweep["stencil"], sweep["joints"], sweep["size"], sweep["batch"],
+            thread_counts,
         )
     ]
+    configs = list(dict.fromkeys(configs))  # CUDA configurations do not repeat per thread count
 
     bandwidths = {device: timing.copy_bandwidth(torch.device(device)) for device in devices}
     for device, bandwidth in bandwidths.items():
@@ -918,6 +943,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         for index, config in enumerate(configs, 1):
             progress(f"[{index}/{len(configs)}] {config.label()}:", end="")
+            if config.threads:
+                torch.set_num_threads(config.threads)
             started = time.perf_counter()
             sets = make_inputs(config, buffer_set_count(config, args.buffer_sets), seed=index)
             oracle = eager_oracle(config, sets[0])
@@ -936,6 +963,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         interrupted = True
         progress("\ninterrupted: writing the measurements made so far")
         notes.append("The run was interrupted; configurations after the last row were not measured.")
+    torch.set_num_threads(default_threads)
     if not rows:
         return 130 if interrupted else 1
 

@@ -36,6 +36,18 @@ def test_loss_benchmark_writes_csv_summary_and_plot(tmp_path):
     assert list(tmp_path.glob("*.png")), "a plot of time and memory against batch size"
 
 
+def test_loss_benchmark_times_each_thread_count(tmp_path):
+    pytest.importorskip("matplotlib")
+    run_benchmark(
+        "bench_loss.py", "--batch", "2,4", "--size", "16x12", "--providers", "cpu", "--threads", "1,2",
+        "--repeats", "3", "--warmup", "1", "--out", str(tmp_path),
+    )
+    rows = read_csv(tmp_path / "bench_loss.csv")
+    assert {(row["batch"], row["threads"]) for row in rows} == {(b, t) for b in ("2", "4") for t in ("1", "2")}
+    assert "| threads | batch | provider |" in (tmp_path / "summary.md").read_text()
+    assert {path.name.rsplit("_", 1)[-1] for path in tmp_path.glob("*.png")} == {"1threads.png", "2threads.png"}
+
+
 def test_train_step_benchmark_writes_csv_summary_and_plot(tmp_path):
     pytest.importorskip("matplotlib")
     result = run_benchmark(
