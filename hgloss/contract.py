@@ -58,7 +58,9 @@ def _is_real(value) -> bool:
 def check_term_weight(name: str, value) -> float:
     """mse_weight or grad_weight as a float: any real number that is finite and >= 0, the same
     for every backend (a Fraction or a large int is converted once, here)."""
-    if isinstance(value, bool) or not isinstance(value, (Real, torch.SymInt, torch.SymFloat)):
+    if type(value) is float and 0.0 <= value < math.inf:
+        return value
+    if not (_is_real(value) or isinstance(value, (torch.SymInt, torch.SymFloat))):
         raise ValueError(f"{name} must be a real number, got {type(value).__name__}")
     try:
         as_float = float(value)
