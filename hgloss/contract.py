@@ -17,6 +17,8 @@ from .stencils import STENCILS
 
 SUPPORTED_DTYPES = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
 REDUCTIONS = ("mean", "sum", "none")
+# How R compares the gradient maps: component by component, or by magnitude (reference backend only).
+GRADIENT_FORMS = ("components", "magnitude")
 
 
 def accumulation_dtype(pred: torch.Tensor) -> torch.dtype:

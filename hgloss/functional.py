@@ -57,7 +57,7 @@ def check_backend_name(backend: str) -> None:
 
 def check_settings(
     *, mse_weight: float = 1.0, grad_weight: float = 1.0, stencil: str = "forward", reduction: str = "mean",
-    backend: str = "auto",
+    backend: str = "auto", gradient_form: str = "components",
 ) -> tuple[float, float]:
     """The checks of the loss's non-tensor arguments, for the modules that take them at
     construction; returns mse_weight and grad_weight as floats. Whether a backend is available
@@ -67,7 +67,18 @@ def check_settings(
     contract.check_choice("stencil", stencil, STENCILS)
     contract.check_choice("reduction", reduction, contract.REDUCTIONS)
     check_backend_name(backend)
+    check_gradient_form(gradient_form, backend)
     return mse_weight, grad_weight
+
+
+def check_gradient_form(gradient_form: str, backend: str) -> None:
+    """The magnitude form is computed by the reference backend alone."""
+    contract.check_choice("gradient_form", gradient_form, contract.GRADIENT_FORMS)
+    if gradient_form == "magnitude" and backend not in ("auto", "reference"):
+        raise ValueError(
+            f"gradient_form='magnitude' is computed by the reference backend only, not by {backend!r}; "
+            "use backend='reference' or 'auto'"
+        )
 
 
 def _under_functorch_transform() -> bool:
@@ -130,6 +141,7 @@ def heatmap_gradient_loss(
     stencil: str = "forward",
     reduction: str = "mean",
     backend: str = "auto",
+    gradient_form: str = "components",
 ) -> torch.Tensor:
     """Heatmap MSE plus the MSE of the heatmaps' finite-difference gradients, fused.
 
@@ -156,6 +168,9 @@ def heatmap_gradient_loss(
         reduction: "mean", "sum" or "none" (returns the (B, K) plane losses).
         backend: "auto", or one of hgloss.available_backends(). The environment variable
             HGLOSS_BACKEND overrides "auto".
+        gradient_form: "components" (R above), or "magnitude": R becomes the mean of
+            (|grad P| - |grad T|)^2 over the positions where both maps are defined. The magnitude
+            form is computed by the reference backend only ("auto" picks it).
 
     Returns:
         The loss, float64 for a float64 pred and float32 otherwise.
@@ -174,13 +189,16 @@ def heatmap_gradient_loss(
     mse_weight, grad_weight = contract.check_loss_arguments(
         pred, target, teacher, alpha, target_weight, mse_weight, grad_weight, stencil, reduction
     )
+    if gradient_form != "components":
+        check_gradient_form(gradient_form, backend)
+        backend = "reference"
     backend = resolve_backend(backend, pred.device)
     blend = None
     if teacher is not None:
         blend = alpha if isinstance(alpha, torch.Tensor) else _constant_blend(float(alpha), pred)
     kept = (target, teacher, blend, target_weight)
     try:
-        return _compute(backend, pred, *kept, mse_weight, grad_weight, stencil, reduction)
+        return _compute(backend, pred, *kept, mse_weight, grad_weight, stencil, reduction, gradient_form)
     except RuntimeError:
         # The backward keeps these inputs, and one made under torch.inference_mode cannot be
         # kept ("Inference tensors cannot be saved for backward"); its copy can. Asked only after
@@ -189,10 +207,11 @@ def heatmap_gradient_loss(
         if not any(tensor is not None and tensor.is_inference() for tensor in kept):
             raise
     copies = (tensor.clone() if tensor is not None and tensor.is_inference() else tensor for tensor in kept)
-    return _compute(backend, pred, *copies, mse_weight, grad_weight, stencil, reduction)
+    return _compute(backend, pred, *copies, mse_weight, grad_weight, stencil, reduction, gradient_form)
 
 
-def _compute(backend, pred, target, teacher, blend, target_weight, mse_weight, grad_weight, stencil, reduction):
+def _compute(backend, pred, target, teacher, blend, target_weight, mse_weight, grad_weight, stencil, reduction,
+             gradient_form):
     """The loss from the chosen backend, on checked arguments."""
     if backend != "reference":
         return ops.fused_heatmap_loss(
@@ -201,7 +220,7 @@ def _compute(backend, pred, target, teacher, blend, target_weight, mse_weight, g
     dtype = contract.accumulation_dtype(pred)
     if blend is not None:
         blend = blend.detach().to(dtype)  # no gradient flows to alpha
-    terms = reference.plane_terms(pred, target, teacher, blend, mse_weight, grad_weight, stencil)
+    terms = reference.plane_terms(pred, target, teacher, blend, mse_weight, grad_weight, stencil, gradient_form)
     if target_weight is not None:
         terms = terms * target_weight.reshape(pred.shape[:2]).to(dtype)
     return contract.reduce_plane_losses(terms, reduction)

@@ -14,7 +14,8 @@ class HeatmapGradientLoss(nn.Module):
     ``loss(output, target, target_weight)``, like HRNet's and mmpose's heatmap losses.
 
     Args:
-        mse_weight, grad_weight, stencil, backend: as in hgloss.heatmap_gradient_loss; checked
+        mse_weight, grad_weight, stencil, backend, gradient_form: as in
+            hgloss.heatmap_gradient_loss; checked
             here, so a bad value fails at construction rather than at the first call.
         use_target_weight: apply the (B, K[, 1[, 1]]) target weight when one is passed.
         reduction: "mean", "sum" or "none".
@@ -37,10 +38,12 @@ class HeatmapGradientLoss(nn.Module):
         reduction: str = "mean",
         ohkm_topk: int | None = None,
         backend: str = "auto",
+        gradient_form: str = "components",
     ) -> None:
         super().__init__()
         mse_weight, grad_weight = check_settings(
-            mse_weight=mse_weight, grad_weight=grad_weight, stencil=stencil, reduction=reduction, backend=backend
+            mse_weight=mse_weight, grad_weight=grad_weight, stencil=stencil, reduction=reduction, backend=backend,
+            gradient_form=gradient_form,
         )
         if ohkm_topk is not None and (isinstance(ohkm_topk, bool) or not isinstance(ohkm_topk, int) or ohkm_topk < 1):
             raise ValueError(f"ohkm_topk must be a positive int or None, got {ohkm_topk!r}")
@@ -51,6 +54,7 @@ class HeatmapGradientLoss(nn.Module):
         self.reduction = reduction
         self.ohkm_topk = ohkm_topk
         self.backend = backend
+        self.gradient_form = gradient_form
 
     def forward(
         self,
@@ -71,6 +75,7 @@ class HeatmapGradientLoss(nn.Module):
             stencil=self.stencil,
             reduction="none" if self.ohkm_topk is not None else self.reduction,
             backend=self.backend,
+            gradient_form=self.gradient_form,
         )
         if self.ohkm_topk is None:
             return plane_losses
@@ -85,5 +90,5 @@ class HeatmapGradientLoss(nn.Module):
         return (
             f"mse_weight={self.mse_weight}, grad_weight={self.grad_weight}, stencil={self.stencil!r}, "
             f"use_target_weight={self.use_target_weight}, reduction={self.reduction!r}, "
-            f"ohkm_topk={self.ohkm_topk}, backend={self.backend!r}"
+            f"ohkm_topk={self.ohkm_topk}, backend={self.backend!r}, gradient_form={self.gradient_form!r}"
         )

@@ -27,6 +27,24 @@ def gradient_maps(diff: torch.Tensor, stencil: str) -> tuple[torch.Tensor, torch
     return maps[0], maps[1]
 
 
+def magnitude_maps(heatmaps: torch.Tensor, stencil: str) -> torch.Tensor:
+    """|grad X| = sqrt(Ax^2 + Ay^2) of an (..., H, W) tensor on the positions where both gradient
+    maps are defined. A tiny floor under the square root keeps its gradient finite on flat
+    regions, where Ax = Ay = 0."""
+    height, width = heatmaps.shape[-2:]
+    ax, ay = gradient_maps(heatmaps, stencil)
+    x_margins, y_margins = stencils.margins(stencil, "x"), stencils.margins(stencil, "y")
+    top, bottom, left, right = (max(x, y) for x, y in zip(x_margins, y_margins))
+    rows, cols = max(height - top - bottom, 0), max(width - left - right, 0)
+
+    def common(component: torch.Tensor, margins: tuple[int, int, int, int]) -> torch.Tensor:
+        row, col = top - margins[0], left - margins[2]
+        return component[..., row : row + rows, col : col + cols]
+
+    squared = common(ax, x_margins).pow(2) + common(ay, y_margins).pow(2)
+    return torch.sqrt(squared + torch.finfo(heatmaps.dtype).tiny)
+
+
 def plane_terms(
     pred: torch.Tensor,
     target: torch.Tensor,
@@ -35,8 +53,11 @@ def plane_terms(
     mse_weight: float,
     grad_weight: float,
     stencil: str,
+    gradient_form: str = "components",
 ) -> torch.Tensor:
-    """mse_weight * V + grad_weight * R for every plane, shape (B, K)."""
+    """mse_weight * V + grad_weight * R for every plane, shape (B, K). R compares the gradient
+    maps component by component ("components", on D = P - T) or by their magnitudes
+    ("magnitude": the mean of (|grad P| - |grad T|)^2, which cannot be written on D)."""
     dtype = accumulation_dtype(pred)
     soft_target = target.to(dtype)
     if teacher is not None:
@@ -45,6 +66,14 @@ def plane_terms(
     diff = pred.to(dtype) - soft_target
 
     value_term = diff.pow(2).mean(dim=(-2, -1))
+
+    if gradient_form == "magnitude":
+        magnitude_gap = magnitude_maps(pred.to(dtype), stencil) - magnitude_maps(soft_target, stencil)
+        if magnitude_gap.numel() == 0:
+            gradient_term = torch.zeros_like(value_term)
+        else:
+            gradient_term = magnitude_gap.pow(2).mean(dim=(-2, -1))
+        return mse_weight * value_term + grad_weight * gradient_term
 
     ax, ay = gradient_maps(diff, stencil)
     count = stencils.gradient_count(*diff.shape[-2:], stencil)

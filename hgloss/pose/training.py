@@ -64,6 +64,7 @@ class TrainConfig:
     sigma: float = 2.0
     codec: str = "msra"
     augment: bool = True
+    cache_images: bool = False  # keep decoded images in memory (small sets read every epoch)
     # model
     model: str = "simplebaseline_res18_small"
     pretrained: str = ""
@@ -79,6 +80,8 @@ class TrainConfig:
     loss: str = "hg+sd"
     grad_weight: float = 1.0
     stencil: str = "forward"
+    gradient_form: str = "components"
+    grad_start_epoch: int = 0  # the gradient term is switched on from this epoch (0-based) on
     backend: str = "auto"
     distill: str = "replay"
     alpha: float = 0.5
@@ -103,6 +106,7 @@ class TrainConfig:
             "loss": (self.loss, LOSSES),
             "distill": (self.distill, ("replay", "snapshot")),
             "codec": (self.codec, ("msra", "udp")),
+            "gradient_form": (self.gradient_form, ("components", "magnitude")),
             "decode": (self.decode, ("dark", "argmax")),
             "amp": (self.amp, ("none", "bf16", "fp16")),
             "model": (self.model, models.MODEL_NAMES),
@@ -110,6 +114,8 @@ class TrainConfig:
         for name, (value, allowed) in checks.items():
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+        if self.grad_start_epoch < 0:
+            raise ValueError(f"grad_start_epoch must be >= 0, got {self.grad_start_epoch}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs} and {self.batch_size}")
         if self.dataset in ("coco", "mpii"):
@@ -216,12 +222,19 @@ class PoseLoss(nn.Module):
     def __init__(self, config: TrainConfig) -> None:
         super().__init__()
         self.kind = config.loss
+        self.grad_weight, self.grad_start_epoch = config.grad_weight, config.grad_start_epoch
         if config.loss == "mse":
             self.criterion = hgloss.compat.JointsMSELoss(use_target_weight=True, backend=config.backend)
         else:
             self.criterion = hgloss.HeatmapGradientLoss(
-                grad_weight=config.grad_weight, stencil=config.stencil, backend=config.backend
+                grad_weight=config.grad_weight, stencil=config.stencil, backend=config.backend,
+                gradient_form=config.gradient_form,
             )
+
+    def set_epoch(self, epoch: int) -> None:
+        """Switches the gradient term on once `epoch` reaches grad_start_epoch."""
+        if self.kind != "mse":
+            self.criterion.grad_weight = self.grad_weight if epoch >= self.grad_start_epoch else 0.0
 
     def forward(self, output, target, target_weight, teacher=None, alpha=None):
         if self.kind == "mse":
@@ -262,7 +275,7 @@ def evaluate(model: nn.Module, loader, config: TrainConfig, device: torch.device
     PCK on heatmaps), and the first batch's crops and predictions for the plots."""
     model.eval()
     heatmap_size = tuple(config.heatmap_size)
-    image_ids, keypoints, box_scores, areas, ground_truth = [], [], [], [], []
+    image_ids, keypoints, box_scores, areas, ground_truth, scales, shapes = [], [], [], [], [], [], []
     pck_hits = pck_count = 0.0
     first_batch = None
     for batch in loader:
@@ -280,6 +293,8 @@ def evaluate(model: nn.Module, loader, config: TrainConfig, device: torch.device
         box_scores += batch["score"].tolist()
         areas += batch["area"].tolist()
         ground_truth.append(batch["joints"].numpy())
+        scales.append(batch["scale"].numpy())
+        shapes.append(evaluation.gaussian_fit(output.double().numpy()))
         if batch["target_weight"].sum() > 0:
             _, mean, counted = evaluation.heatmap_pck(output, batch["target"])
             pck_hits += mean * counted
@@ -288,7 +303,7 @@ def evaluate(model: nn.Module, loader, config: TrainConfig, device: torch.device
             stride = config.input_size[0] / heatmap_size[0]
             first_batch = {"images": batch["image"], "heatmaps": output, "keypoints": coords * stride,
                            "scores": scores}
-    gathered = (image_ids, keypoints, box_scores, areas, ground_truth, pck_hits, pck_count)
+    gathered = (image_ids, keypoints, box_scores, areas, ground_truth, pck_hits, pck_count, scales, shapes)
     if _world() > 1:
         everything = [None] * _world()
         dist.all_gather_object(everything, gathered)
@@ -299,9 +314,13 @@ def evaluate(model: nn.Module, loader, config: TrainConfig, device: torch.device
         ground_truth = sum((part[4] for part in everything), [])
         pck_hits = sum(part[5] for part in everything)
         pck_count = sum(part[6] for part in everything)
+        scales = sum((part[7] for part in everything), [])
+        shapes = sum((part[8] for part in everything), [])
     metrics: dict[str, float] = {"pck": pck_hits / pck_count if pck_count else float("nan")}
     if _rank() == 0 and keypoints:
         all_keypoints = np.concatenate(keypoints)
+        metrics.update(_heatmap_shape_metrics(all_keypoints, np.concatenate(ground_truth), np.concatenate(scales),
+                                              shapes, heatmap_size[0]))
         if annotation_file is not None:
             results = evaluation.coco_results(np.asarray(image_ids), all_keypoints, np.asarray(box_scores),
                                               np.asarray(areas))
@@ -313,6 +332,22 @@ def evaluate(model: nn.Module, loader, config: TrainConfig, device: torch.device
             metrics.update({key: float(value) for key, value in pckh.items() if np.ndim(value) == 0})
     model.train()
     return metrics, first_batch
+
+
+def _heatmap_shape_metrics(keypoints: np.ndarray, truth: np.ndarray, scales: np.ndarray, shapes: list[dict],
+                           heatmap_width: int) -> dict[str, float]:
+    """How the predicted heatmaps of the labelled joints look, averaged over those joints: their
+    residual against the best-fitting isotropic Gaussian, its sigma, the peak value, and the
+    localisation error in heatmap pixels."""
+    labelled = truth[..., 2] > 0
+    if not labelled.any():
+        return {}
+    fits = {key: np.concatenate([shape[key] for shape in shapes]) for key in ("residual", "sigma", "peak")}
+    errors = evaluation.localisation_error(keypoints[..., :2], truth[..., :2], scales, heatmap_width)
+    return {"gaussian_residual": float(fits["residual"][labelled].mean()),
+            "fitted_sigma": float(fits["sigma"][labelled].mean()),
+            "peak": float(fits["peak"][labelled].mean()),
+            "localisation_error": float(errors[labelled].mean())}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -343,9 +378,9 @@ class Trainer:
         augmentation = datasets.Augmentation() if config.augment else None
         udp = config.codec == "udp"
         self.train_set = datasets.TopDownDataset(train, codec, tuple(config.input_size), augmentation,
-                                                 self.flip_pairs, upper_body, udp)
+                                                 self.flip_pairs, upper_body, udp, config.cache_images)
         self.val_set = datasets.TopDownDataset(val, codec, tuple(config.input_size), None, self.flip_pairs,
-                                               upper_body, udp)
+                                               upper_body, udp, config.cache_images)
         num_joints = len(train[0].joints)
 
         self.model = models.build_model(config.model, num_joints).to(self.device)
@@ -455,6 +490,7 @@ class Trainer:
 
         config = self.config
         self.sampler.set_epoch(epoch)
+        self.criterion.set_epoch(epoch)
         self.student.train()
         losses = []
         started, samples = time.perf_counter(), 0
