@@ -330,21 +330,24 @@ def _plot_weight_sweep(rows: list[dict], path: Path) -> None:
     """AP against grad_weight per model (mean and min-max over seeds), mse as a band."""
     figure = _figure(6.5, 4.0)
     axes = figure.add_subplot()
+    drawn = False
     for colour, model in zip(("tab:blue", "tab:orange"), MODELS):
         table = _by_setting(rows, model)
-        points = [(weight, [row["AP"] for row in table.get(_swept(weight).name, {}).values()]) for weight in SWEPT_WEIGHTS]
-        points = [(weight, aps) for weight, aps in points if aps]
-        if not points:
-            continue
-        weights = [weight for weight, _ in points]
-        means = [statistics.mean(aps) for _, aps in points]
-        low = [mean - min(aps) for mean, (_, aps) in zip(means, points)]
-        high = [max(aps) - mean for mean, (_, aps) in zip(means, points)]
-        axes.errorbar(weights, means, yerr=[low, high], marker="o", capsize=3, color=colour, label=f"{model}, hg")
         mse = [row["AP"] for row in table.get("mse", {}).values()]
         if mse:
             axes.axhspan(min(mse), max(mse), color=colour, alpha=0.15)
             axes.axhline(statistics.mean(mse), color=colour, linestyle="--", label=f"{model}, mse (band: seeds)")
+        points = [(weight, [row["AP"] for row in table.get(_swept(weight).name, {}).values()]) for weight in SWEPT_WEIGHTS]
+        points = [(weight, aps) for weight, aps in points if aps]
+        if points:
+            weights = [weight for weight, _ in points]
+            means = [statistics.mean(aps) for _, aps in points]
+            low = [mean - min(aps) for mean, (_, aps) in zip(means, points)]
+            high = [max(aps) - mean for mean, (_, aps) in zip(means, points)]
+            axes.errorbar(weights, means, yerr=[low, high], marker="o", capsize=3, color=colour, label=f"{model}, hg")
+        drawn = drawn or bool(mse or points)
+    if not drawn:
+        return
     axes.set_xscale("log")
     axes.set_xlabel("grad_weight (forward stencil)")
     axes.set_ylabel("COCO AP (synthetic val)")

@@ -28,9 +28,11 @@ from hgloss.pose.evaluation import (  # noqa: E402
     COCO_STAT_NAMES,
     coco_results,
     evaluate_coco,
+    gaussian_fit,
     head_sizes_from_boxes,
     heatmap_pck,
     load_mpii_head_boxes,
+    localisation_error,
     oks,
     oks_nms,
     pckh,
@@ -392,3 +394,36 @@ def test_heatmap_pck_needs_a_positive_target_maximum():
 def test_bad_arguments_are_named(call, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         call()
+
+
+def gaussian_plane(height, width, x0, y0, sigma, amplitude=1.0):
+    rows, cols = np.mgrid[0:height, 0:width]
+    return amplitude * np.exp(-((cols - x0) ** 2 + (rows - y0) ** 2) / (2 * sigma**2))
+
+
+def test_gaussian_fit_recovers_a_gaussian_and_scores_what_is_not_one():
+    rng = np.random.default_rng(0)
+    exact = gaussian_plane(24, 16, 7.25, 10.5, 1.3, 0.8)  # centre and sigma on the fit's grid
+    noisy = exact + 0.1 * rng.random((24, 16))
+    two_peaks = gaussian_plane(24, 16, 3, 4, 1.0) + gaussian_plane(24, 16, 12, 19, 1.0)
+    fit = gaussian_fit(np.stack([exact, noisy, two_peaks, np.zeros((24, 16))])[None])
+    assert fit["residual"].shape == (1, 4)
+    residual, sigma, peak = fit["residual"][0], fit["sigma"][0], fit["peak"][0]
+    assert residual[0] < 1e-3 and abs(sigma[0] - 1.3) < 0.05 and peak[0] == pytest.approx(exact.max())
+    assert 0.01 < residual[1] < residual[2] and residual[2] == pytest.approx(0.5, abs=0.01)
+    assert residual[3] == 1.0 and peak[3] == 0.0
+    with pytest.raises(ValueError, match=r"heatmaps must have shape \(\.\.\., H, W\)"):
+        gaussian_fit(np.zeros(5))
+
+
+def test_localisation_error_is_in_heatmap_pixels():
+    truth = np.zeros((2, 3, 2))
+    predicted = truth.copy()
+    predicted[0, 1] = [3.0, 4.0]  # 5 image pixels off
+    predicted[1, 2] = [0.0, 10.0]  # 10 image pixels off
+    scales = np.array([[0.5, 0.75], [1.0, 1.5]])  # crops 100 and 200 image pixels wide
+    errors = localisation_error(predicted, truth, scales, heatmap_width=20)
+    # 100-pixel crops on 20-pixel heatmaps: 5 image pixels per heatmap pixel; 200-pixel crops: 10.
+    np.testing.assert_allclose(errors, [[0, 1, 0], [0, 0, 1]])
+    with pytest.raises(ValueError, match=r"predicted and truth must both have shape \(N, K, 2\)"):
+        localisation_error(predicted[:1], truth, scales, 20)

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from hgloss.pose.training import Trainer, load_config
+from hgloss.pose.training import PoseLoss, Trainer, load_config
 
 from conftest import ROOT
 
@@ -42,6 +42,8 @@ def test_a_short_run_with_each_loss_writes_every_output(tmp_path, settings):
     for name in ("config.yaml", "log.jsonl", "last.pt", "best.pt", "metrics.json", "curves.png", "predictions.png"):
         assert (out / name).is_file(), name
     assert 0.0 <= metrics["AP"] <= 1.0 and json.loads((out / "metrics.json").read_text()) == metrics
+    assert 0.0 <= metrics["gaussian_residual"] <= 1.0 and metrics["fitted_sigma"] > 0
+    assert metrics["localisation_error"] >= 0 and metrics["peak"] == metrics["peak"]
     records = read_log(out)
     train = [r for r in records if r["kind"] == "train"]
     assert train and all(r["loss"] > 0 and r["loss"] == r["loss"] for r in train)
@@ -62,6 +64,32 @@ def test_resume_continues_exactly(tmp_path):
     resumed = torch.load(tmp_path / "stopped" / "last.pt", weights_only=False)["model"]
     uninterrupted = torch.load(straight / "last.pt", weights_only=False)["model"]
     assert all(torch.equal(resumed[key], uninterrupted[key]) for key in uninterrupted)
+
+
+def test_the_gradient_term_switches_on_at_grad_start_epoch():
+    config = load_config(None, {**TINY, "loss": "hg", "grad_weight": 2.0, "grad_start_epoch": 3})
+    criterion = PoseLoss(config)
+    seen = []
+    for epoch in range(5):
+        criterion.set_epoch(epoch)
+        seen.append(criterion.criterion.grad_weight)
+    assert seen == [0.0, 0.0, 0.0, 2.0, 2.0]
+    with pytest.raises(ValueError, match="grad_start_epoch must be >= 0, got -1"):
+        load_config(None, {"grad_start_epoch": -1})
+    with pytest.raises(ValueError, match=r"gradient_form must be one of \['components', 'magnitude'\]"):
+        load_config(None, {"gradient_form": "norm"})
+
+
+def test_cached_images_give_the_same_samples(tmp_path):
+    config = load_config(None, {**TINY, "data_root": str(tmp_path / "data"), "out": str(tmp_path / "out")})
+    plain = Trainer(config).train_set
+    cached = Trainer(load_config(None, {**TINY, "data_root": str(tmp_path / "data"), "out": str(tmp_path / "out"),
+                                        "cache_images": True})).train_set
+    for item in [(0, 11, False), (1, 12, False), (0, 11, False)]:  # the repeat comes from the cache
+        first, second = plain[item], cached[item]
+        assert torch.equal(first["image"], second["image"]) and torch.equal(first["target"], second["target"])
+    assert len(cached._cache) == len({cached.records[index].image_path for index in (0, 1)})
+    assert not next(iter(cached._cache.values())).flags.writeable
 
 
 def free_port() -> int:

@@ -35,7 +35,9 @@ def magnitude_maps(heatmaps: torch.Tensor, stencil: str) -> torch.Tensor:
     ax, ay = gradient_maps(heatmaps, stencil)
     x_margins, y_margins = stencils.margins(stencil, "x"), stencils.margins(stencil, "y")
     top, bottom, left, right = (max(x, y) for x, y in zip(x_margins, y_margins))
-    rows, cols = max(height - top - bottom, 0), max(width - left - right, 0)
+    rows, cols = height - top - bottom, width - left - right
+    if rows <= 0 or cols <= 0:
+        rows = cols = 0
 
     def common(component: torch.Tensor, margins: tuple[int, int, int, int]) -> torch.Tensor:
         row, col = top - margins[0], left - margins[2]
