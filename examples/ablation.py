@@ -129,7 +129,7 @@ def _run_overrides(run: Run, base, best_weight: float | None, runs: Path) -> dic
 def _train(run: Run, config_path: str, best_weight: float | None, runs: Path, threads: int) -> dict:
     import torch
 
-    from hgloss.pose.training import Trainer, load_config
+    from trainer import Trainer, load_config
 
     torch.set_num_threads(threads)
     base = load_config(config_path, {})

@@ -1,6 +1,6 @@
 """Trains a top-down pose model with the hgloss losses and evaluates it with COCOeval or PCKh.
 
-Every setting of hgloss.pose.training.TrainConfig is a flag (--batch-size 16, --lr-steps 170,200)
+Every setting of trainer.TrainConfig (examples/trainer/config.py) is a flag (--batch-size 16, --lr-steps 170,200)
 and can come from a YAML file (--config); flags win over the file. Examples::
 
     python examples/train_pose.py                                   # the synthetic set, hg+sd, CPU or GPU
@@ -19,7 +19,7 @@ import dataclasses
 import sys
 import typing
 
-from hgloss.pose.training import TrainConfig, Trainer, load_config
+from trainer import TrainConfig, Trainer, load_config
 
 
 def _flag_type(annotation):

@@ -19,6 +19,8 @@ if not torch.cuda.is_available():
 import hgloss  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The trainer is the examples' application, importable as `trainer` as the example scripts do.
+sys.path.insert(0, os.path.join(ROOT, "examples"))
 
 # Fused backends and the device each computes on. Every one is tested against "reference".
 FUSED_DEVICES = {

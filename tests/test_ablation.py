@@ -4,17 +4,11 @@ paired interval, the report, and a tiny study end to end (resumable, skipping fi
 import csv
 import json
 import math
-import os
-import sys
 
 import pytest
 
-from conftest import ROOT
-
-sys.path.insert(0, os.path.join(ROOT, "examples"))
-import ablation  # noqa: E402
-
-from hgloss.pose.training import load_config  # noqa: E402
+import ablation  # examples/ is on the path (conftest)
+from trainer import load_config
 
 SB, HR = ablation.MODELS
 

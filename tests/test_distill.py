@@ -1,5 +1,5 @@
 """docs/spec.md section 5: the stepping schedule, the replay sampler, the prediction bank, the snapshot
-teacher and the SelfDistillation facade, on their own, end to end and under 2-process DDP."""
+teacher and the two distillation classes (replay, snapshot), on their own, end to end and under 2-process DDP."""
 
 import io
 import json
@@ -16,7 +16,15 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 import hgloss
-from hgloss.distill import PredictionBank, ReplayBatchSampler, SelfDistillation, SnapshotTeacher, SteppingSchedule
+from hgloss.distill import (
+    PredictionBank,
+    ReplayBatchSampler,
+    ReplayDistillation,
+    SeededBatchSampler,
+    SnapshotDistillation,
+    SnapshotTeacher,
+    SteppingSchedule,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -504,7 +512,7 @@ def test_snapshot_state_dict_round_trip():
 
 
 # --------------------------------------------------------------------------------------------
-# SelfDistillation
+# ReplayDistillation and SnapshotDistillation
 
 
 class BlobDataset(Dataset):
@@ -548,18 +556,24 @@ def tiny_pose_model():
     )
 
 
-def test_facade_alpha_is_per_sample_in_replay_mode():
+def replay_distillation(schedule, optimizer, dataset_size, batch_size, **sampler_options):
+    sampler = ReplayBatchSampler(dataset_size, batch_size, schedule, **sampler_options)
+    return ReplayDistillation(schedule, optimizer, sampler)
+
+
+def test_replay_alpha_is_per_sample():
     schedule = SteppingSchedule(distance0=1, alpha=0.7)
     optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
-    distill = SelfDistillation("replay", schedule, optimizer=optimizer, dataset_size=16, batch_size=4)
+    distill = replay_distillation(schedule, optimizer, 16, 4)
     batches = list(distill.batch_sampler)
     for iteration, batch in enumerate(batches[:3]):
-        keys = [index for index, _, _ in batch]
-        replayed = [flag for _, _, flag in batch]
+        keys = torch.tensor([index for index, _, _ in batch])
+        replayed = torch.tensor([flag for _, _, flag in batch])
         predictions = torch.rand(4, 2, 3, 3)
-        teacher, alpha = distill.teacher(predictions, keys=torch.tensor(keys), replayed=torch.tensor(replayed))
+        teacher, alpha = distill.fetch_teacher(keys=keys, replayed=replayed)
+        distill.store_predictions(predictions, keys=keys, replayed=replayed)
         assert alpha.dtype == torch.float32
-        assert alpha.tolist() == pytest.approx([0.7 if flag else 0.0 for flag in replayed])
+        assert alpha.tolist() == pytest.approx([0.7 if flag else 0.0 for flag in replayed.tolist()])
         assert (teacher is None) == (iteration == 0)
         distill.after_step()
 
@@ -573,23 +587,21 @@ def test_end_to_end_loss_decreases_and_only_the_student_learns(mode):
     schedule = SteppingSchedule(distance0=2, alpha=0.5, alpha_ramp_steps=4)
     dataset = BlobDataset(128)
     if mode == "replay":
-        distill = SelfDistillation("replay", schedule, optimizer=optimizer, dataset_size=len(dataset), batch_size=8)
-        loader = DataLoader(dataset, batch_sampler=distill.batch_sampler)
+        distill = replay_distillation(schedule, optimizer, len(dataset), 8)
+        sampler = distill.batch_sampler
     else:
-        distill = SelfDistillation("snapshot", schedule, optimizer=optimizer, model=model)
-        # any pipeline works in snapshot mode; this one feeds the dataset plain (index, seed) triples
-        triples = [(index, index, False) for index in range(len(dataset))]
-        loader = DataLoader(dataset, batch_size=8, sampler=torch.utils.data.SubsetRandomSampler(triples))
+        distill = SnapshotDistillation(schedule, optimizer, model)
+        sampler = SeededBatchSampler(len(dataset), 8)  # any pipeline works with a snapshot teacher
+    loader = DataLoader(dataset, batch_sampler=sampler)
 
     losses, teacher_alphas = [], []
     for epoch in range(3):
-        distill.set_epoch(epoch)
+        sampler.set_epoch(epoch)
         for images, targets, indices, replayed in loader:
             outputs = model(images)
-            if mode == "replay":
-                teacher, alpha = distill.teacher(outputs, keys=indices, replayed=replayed)
-            else:
-                teacher, alpha = distill.teacher(outputs, inputs=images)
+            # The same calls for both classes: each takes what it needs.
+            teacher, alpha = distill.fetch_teacher(inputs=images, keys=indices, replayed=replayed)
+            distill.store_predictions(outputs, keys=indices, replayed=replayed)
             if teacher is not None:
                 assert not teacher.requires_grad and teacher.grad_fn is None
                 teacher_alphas.append(alpha.max().item())
@@ -614,18 +626,19 @@ def test_end_to_end_loss_decreases_and_only_the_student_learns(mode):
         assert all(not heatmaps.requires_grad for heatmaps in distill.bank.state_dict()["heatmaps"])
 
 
-def test_facade_with_dataloader_workers_and_a_distance_change():
+def test_replay_with_dataloader_workers_and_a_distance_change():
     # Workers prefetch, so the sampler reads the distance a few iterations before training uses
     # the batch; the bank must still hold every replay.
     torch.manual_seed(0)
     optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
     lr_scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[3, 6, 9], gamma=0.1)
     schedule = SteppingSchedule(distance0=1, step_factor=3)
-    distill = SelfDistillation("replay", schedule, optimizer=optimizer, dataset_size=160, batch_size=4)
+    distill = replay_distillation(schedule, optimizer, 160, 4)
     loader = DataLoader(BlobDataset(160), batch_sampler=distill.batch_sampler, num_workers=2, prefetch_factor=2)
     replays = 0
     for images, targets, indices, replayed in loader:
-        teacher, alpha = distill.teacher(targets, keys=indices, replayed=replayed)
+        teacher, alpha = distill.fetch_teacher(keys=indices, replayed=replayed)
+        distill.store_predictions(targets, keys=indices, replayed=replayed)
         if teacher is not None:
             replays += int(replayed.sum())
             # the bank returns exactly what was stored for the same crop
@@ -636,40 +649,58 @@ def test_facade_with_dataloader_workers_and_a_distance_change():
     assert schedule.distance == 27 and replays > 20
 
 
-def test_facade_rejects_bad_arguments():
+def test_distillation_rejects_bad_arguments():
     optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
     schedule = SteppingSchedule()
-    with pytest.raises(ValueError, match="mode"):
-        SelfDistillation("ema", schedule, optimizer=optimizer)
-    with pytest.raises(ValueError, match="dataset_size"):
-        SelfDistillation("replay", schedule, optimizer=optimizer)
-    with pytest.raises(ValueError, match="model"):
-        SelfDistillation("snapshot", schedule, optimizer=optimizer)
-    distill = SelfDistillation("replay", schedule, optimizer=optimizer, dataset_size=8, batch_size=2)
-    with pytest.raises(ValueError, match="keys"):
-        distill.teacher(torch.zeros(2, 1, 2, 2))
+    with pytest.raises(ValueError, match="schedule must be a SteppingSchedule"):
+        SnapshotDistillation(None, optimizer, tiny_pose_model())
+    with pytest.raises(ValueError, match="optimizer must be a torch optimizer"):
+        ReplayDistillation(schedule, None, ReplayBatchSampler(8, 2, schedule))
+    with pytest.raises(ValueError, match="batch_sampler must be a ReplayBatchSampler built on the same schedule"):
+        ReplayDistillation(schedule, optimizer, ReplayBatchSampler(8, 2, SteppingSchedule()))
+    with pytest.raises(ValueError, match="batch_sampler must be a ReplayBatchSampler"):
+        ReplayDistillation(schedule, optimizer, SeededBatchSampler(8, 2))
+    distill = replay_distillation(schedule, optimizer, 8, 2)
+    with pytest.raises(ValueError, match="got 2 keys and 2 replayed flags for a batch of 3"):
+        distill.store_predictions(torch.zeros(3, 1, 2, 2), keys=[0, 1], replayed=[False, False])
+
+
+def test_the_seeded_sampler_draws_the_replay_samplers_fresh_order():
+    schedule = SteppingSchedule()
+    for options in ({}, {"drop_last": True}, {"num_replicas": 3, "rank": 1}, {"shuffle": False}):
+        plain = SeededBatchSampler(50, 8, seed=3, **options)
+        replay = ReplayBatchSampler(50, 8, schedule, replay_fraction=0.0, seed=3, **options)
+        for epoch in (0, 4):
+            plain.set_epoch(epoch)
+            replay.set_epoch(epoch)
+            assert list(plain) == list(replay) and len(plain) == len(list(plain)) == len(replay)
 
 
 @pytest.mark.parametrize("mode", ["replay", "snapshot"])
-def test_facade_state_dict_round_trip(mode):
+def test_distillation_state_dict_round_trip(mode):
     def build(model):
         optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-        extra = {"dataset_size": 32, "batch_size": 4} if mode == "replay" else {"model": model}
-        return SelfDistillation(mode, SteppingSchedule(alpha=0.5), optimizer=optimizer, **extra), optimizer
+        schedule = SteppingSchedule(alpha=0.5)
+        if mode == "replay":
+            return replay_distillation(schedule, optimizer, 32, 4), optimizer
+        return SnapshotDistillation(schedule, optimizer, model), optimizer
 
     torch.manual_seed(0)
     model = tiny_pose_model()
     original, optimizer = build(model)
-    original.set_epoch(2)
     dataset = BlobDataset(32)
-    batches = list(original.batch_sampler)[:4] if mode == "replay" else [[(i, i, False) for i in range(4)]] * 4
+    if mode == "replay":
+        original.batch_sampler.set_epoch(2)
+        batches = list(original.batch_sampler)[:4]
+    else:
+        batches = [[(i, i, False) for i in range(4)]] * 4
 
     def teacher_for(distill, batch):
         images, _, indices, replayed = torch.utils.data.default_collate([dataset[item] for item in batch])
         predictions = model(images).detach()
-        if mode == "replay":
-            return distill.teacher(predictions, keys=indices, replayed=replayed)
-        return distill.teacher(predictions, inputs=images)
+        teacher = distill.fetch_teacher(inputs=images, keys=indices, replayed=replayed)
+        distill.store_predictions(predictions, keys=indices, replayed=replayed)
+        return teacher
 
     for step, batch in enumerate(batches[:3]):
         teacher_for(original, batch)
@@ -682,8 +713,6 @@ def test_facade_state_dict_round_trip(mode):
     expected, got = teacher_for(original, batches[3]), teacher_for(restored, batches[3])
     assert expected[0] is not None
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
-    with pytest.raises(ValueError, match="mode"):
-        restored.load_state_dict({**original.state_dict(), "mode": "snapshot" if mode == "replay" else "replay"})
 
 
 # --------------------------------------------------------------------------------------------
@@ -703,11 +732,12 @@ def _ddp_worker(rank, world_size, port, out_dir):
         schedule = SteppingSchedule(alpha=0.5, alpha_ramp_steps=3)
         dataset = BlobDataset(96)
         # num_replicas and rank come from the initialised process group
-        distill = SelfDistillation("replay", schedule, optimizer=optimizer, dataset_size=len(dataset), batch_size=4)
+        distill = replay_distillation(schedule, optimizer, len(dataset), 4)
         record = {"distances": [], "alphas": [], "fresh": [], "replayed": [], "losses": []}
         for images, targets, indices, replayed in DataLoader(dataset, batch_sampler=distill.batch_sampler):
             outputs = model(images)
-            teacher, alpha = distill.teacher(outputs, keys=indices, replayed=replayed)
+            teacher, alpha = distill.fetch_teacher(keys=indices, replayed=replayed)
+            distill.store_predictions(outputs, keys=indices, replayed=replayed)
             loss = hgloss.heatmap_gradient_loss(outputs, targets, teacher=teacher, alpha=alpha, backend="reference")
             optimizer.zero_grad()
             loss.backward()
@@ -721,13 +751,13 @@ def _ddp_worker(rank, world_size, port, out_dir):
             record["losses"].append(loss.item())
 
         snapshot_schedule = SteppingSchedule(distance0=2, alpha=0.5)
-        snapshot_distill = SelfDistillation("snapshot", snapshot_schedule, optimizer=optimizer, model=model)
+        snapshot_distill = SnapshotDistillation(snapshot_schedule, optimizer, model)
         record["snapshot_distances"] = []
         for step in range(6):
             images, targets, _, _ = dataset[(rank * 6 + step, step, False)]
             images, targets = images[None], targets[None]
             outputs = model(images)
-            teacher, alpha = snapshot_distill.teacher(outputs, inputs=images)
+            teacher, alpha = snapshot_distill.fetch_teacher(inputs=images)
             loss = hgloss.heatmap_gradient_loss(outputs, targets, teacher=teacher, alpha=alpha, backend="reference")
             optimizer.zero_grad()
             loss.backward()

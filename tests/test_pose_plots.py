@@ -1,4 +1,4 @@
-"""hgloss.pose.plots: the training-curve and prediction figures are written, readable PNGs of the
+"""The trainer's plots (examples/trainer/plots.py): the training-curve and prediction figures are written, readable PNGs of the
 expected layout, and bad inputs raise ValueError naming what is wrong."""
 
 import json
@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("matplotlib", reason="the pose plots need matplotlib (pip install hgloss[pose])")
 Image = pytest.importorskip("PIL.Image", reason="reading the plots back needs pillow")
 
-from hgloss.pose.plots import _interpolation_matrix, plot_predictions, plot_training_curves  # noqa: E402
+from trainer.plots import _interpolation_matrix, plot_predictions, plot_training_curves  # noqa: E402
 
 BATCH, JOINTS, CROP_HEIGHT, CROP_WIDTH, MAP_HEIGHT, MAP_WIDTH = 3, 17, 256, 192, 64, 48
 

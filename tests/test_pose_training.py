@@ -11,7 +11,8 @@ import sys
 import pytest
 import torch
 
-from hgloss.pose.training import PoseLoss, Trainer, load_config
+from trainer import Trainer, load_config
+from trainer.loss import PoseLoss
 
 from conftest import ROOT
 
@@ -49,7 +50,7 @@ def test_a_short_run_with_each_loss_writes_every_output(tmp_path, settings):
     assert train and all(r["loss"] > 0 and r["loss"] == r["loss"] for r in train)
     assert [r["kind"] for r in records].count("val") == 1
     checkpoint = torch.load(out / "last.pt", weights_only=False)
-    assert checkpoint["epoch"] == 0 and checkpoint["config"]["loss"] == settings["loss"]
+    assert checkpoint["run"]["next_epoch"] == 1 and checkpoint["config"]["loss"] == settings["loss"]
     assert not list(out.glob("*.tmp")), "a checkpoint was left half-written"
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from hgloss.pose.codecs import MSRAHeatmap, UDPHeatmap, decode, flip_back, heatmap_to_image
+from hgloss.pose.codecs import MSRAHeatmap, UDPHeatmap, decode, flip_back
 from hgloss.pose.evaluation import evaluate_coco
 from hgloss.pose.transforms import (
     COCO_FLIP_PAIRS,
@@ -245,10 +245,20 @@ def test_heatmap_to_image_centres():
     centers, scales = np.array([[300.0, 200.0]]), np.array([[0.96, 1.28]])
     # The heatmap centre is size / 2 for MSRA, (size - 1) / 2 for UDP; both go back to the box centre,
     # and one heatmap pixel is box width / heatmap width (MSRA) or (box - 1) / (heatmap - 1) (UDP) pixels.
-    msra = heatmap_to_image([[[24.0, 32.0], [25.0, 32.0]]], centers, scales, HEATMAP_SIZE)
+    msra = MSRAHeatmap(INPUT_SIZE, HEATMAP_SIZE).heatmap_to_image([[[24.0, 32.0], [25.0, 32.0]]], centers, scales)
     np.testing.assert_allclose(msra[0], [[300.0, 200.0], [304.0, 200.0]], atol=1e-9)
-    udp = heatmap_to_image([[[23.5, 31.5], [23.5, 32.5]]], centers, scales, HEATMAP_SIZE, udp=True)
+    udp = UDPHeatmap(INPUT_SIZE, HEATMAP_SIZE).heatmap_to_image([[[23.5, 31.5], [23.5, 32.5]]], centers, scales)
     np.testing.assert_allclose(udp[0], [[300.0, 200.0], [300.0, 200.0 + 255.0 / 63.0]], atol=1e-9)
+
+
+def test_each_codec_owns_its_crop_geometry_and_flip_shift():
+    center, scale = np.array([300.0, 200.0]), np.array([0.96, 1.28])
+    msra, udp = MSRAHeatmap(INPUT_SIZE, HEATMAP_SIZE), UDPHeatmap(INPUT_SIZE, HEATMAP_SIZE)
+    np.testing.assert_array_equal(msra.crop_transform(center, scale, 30.0),
+                                  get_affine_transform(center, scale, 30.0, INPUT_SIZE))
+    np.testing.assert_array_equal(udp.crop_transform(center, scale, 30.0),
+                                  get_udp_transform(center, scale, 30.0, INPUT_SIZE))
+    assert msra.flip_shift and not udp.flip_shift
 
 
 def test_flip_back():
@@ -303,7 +313,7 @@ def test_flip_back():
         (lambda: decode(np.zeros((2, 3, 4))), r"heatmaps must have shape \(N, K, H, W\)"),
         (lambda: decode(np.zeros((1, 1, 4, 4)), refine="soft"), "refine"),
         (lambda: decode(np.zeros((1, 1, 4, 4)), kernel=4), "kernel"),
-        (lambda: heatmap_to_image(np.zeros((2, 3, 2)), np.zeros((1, 2)), np.ones((2, 2)), (48, 64)), "centers"),
+        (lambda: MSRAHeatmap().heatmap_to_image(np.zeros((2, 3, 2)), np.zeros((1, 2)), np.ones((2, 2))), "centers"),
         (lambda: flip_back(np.zeros((1, 2, 3, 4)), [(0, 2)]), "flip_pairs"),
         (lambda: flip_back(np.zeros((2, 3, 4)), []), "heatmaps must have shape"),
     ],
@@ -328,9 +338,8 @@ def coco_ground_truth():
         return COCO(path)
 
 
-def round_trip_results(coco, codec, udp: bool, refine: str) -> list[dict]:
+def round_trip_results(coco, codec, refine: str) -> list[dict]:
     """COCO keypoint results from encoding every annotated person into its crop and decoding it back."""
-    heatmap_size = codec.heatmap_size
     results = []
     for annotation in coco.loadAnns(coco.getAnnIds()):
         if annotation["num_keypoints"] <= 0:
@@ -338,12 +347,11 @@ def round_trip_results(coco, codec, udp: bool, refine: str) -> list[dict]:
         keypoints = np.array(annotation["keypoints"], dtype=np.float64).reshape(-1, 3)
         labelled = keypoints[:, 2] > 0
         center, scale = box_to_center_scale(annotation["bbox"], INPUT_SIZE[0] / INPUT_SIZE[1])
-        transform = get_udp_transform if udp else get_affine_transform
-        in_crop = affine_points(keypoints[:, :2], transform(center, scale, 0.0, INPUT_SIZE))
+        in_crop = affine_points(keypoints[:, :2], codec.crop_transform(center, scale))
         heatmaps, weights = codec.encode(in_crop, keypoints[:, 2])
         np.testing.assert_array_equal(weights > 0, labelled)  # every labelled joint is inside its crop
         coords, _ = decode(heatmaps[None], refine=refine)
-        in_image = heatmap_to_image(coords, center[None], scale[None], heatmap_size, udp=udp)[0]
+        in_image = codec.heatmap_to_image(coords, center[None], scale[None])[0]
         scored = np.concatenate([in_image, labelled[:, None].astype(np.float64)], axis=1)
         results.append(
             {
@@ -360,16 +368,13 @@ def keypoint_ap(coco, results: list[dict]) -> float:
     return evaluate_coco(results, coco)["AP"]
 
 
-@pytest.mark.parametrize(
-    "codec, udp",
-    [(MSRAHeatmap(INPUT_SIZE, HEATMAP_SIZE), False), (UDPHeatmap(INPUT_SIZE, HEATMAP_SIZE), True)],
-    ids=["msra", "udp"],
-)
-def test_round_trip_on_coco_annotations(coco_ground_truth, codec, udp):
-    dark_results = round_trip_results(coco_ground_truth, codec, udp, refine="dark")
+@pytest.mark.parametrize("codec", [MSRAHeatmap(INPUT_SIZE, HEATMAP_SIZE), UDPHeatmap(INPUT_SIZE, HEATMAP_SIZE)],
+                         ids=["msra", "udp"])
+def test_round_trip_on_coco_annotations(coco_ground_truth, codec):
+    dark_results = round_trip_results(coco_ground_truth, codec, refine="dark")
     assert dark_results, "no annotation with keypoints in the sample"
     dark_ap = keypoint_ap(coco_ground_truth, dark_results)
-    argmax_ap = keypoint_ap(coco_ground_truth, round_trip_results(coco_ground_truth, codec, udp, refine="argmax"))
+    argmax_ap = keypoint_ap(coco_ground_truth, round_trip_results(coco_ground_truth, codec, refine="argmax"))
     print(f"{type(codec).__name__}: {len(dark_results)} persons, AP dark {dark_ap:.4f}, argmax {argmax_ap:.4f}")
     assert dark_ap >= 0.99
     assert argmax_ap <= dark_ap

@@ -2,10 +2,12 @@
 
 Sizes are (width, height). Keypoints are (x, y) pixels with integer coordinates at pixel centres. A codec
 turns keypoints given in input-crop pixels (the network input, e.g. 192x256) into one heatmap per joint
-(e.g. 48x64); :func:`decode` reads heatmap-pixel coordinates back and :func:`heatmap_to_image` takes them to
-image pixels through the inverse of the crop transform.
+(e.g. 48x64); :func:`decode` reads heatmap-pixel coordinates back and the codec's ``heatmap_to_image`` takes
+them to image pixels through the inverse of the crop transform.
 
-Two codecs are offered:
+A codec owns its geometry: the crop transform (``crop_transform``), its inverse and whether the flip test
+shifts the flipped heatmaps (``flip_shift``) all come from the codec object, so a dataset, the decoding
+and the flip test built from one codec cannot disagree. Two codecs are offered:
 
 - :class:`MSRAHeatmap`, HRNet's ``generate_target``: the crop is scaled by ``heatmap / input`` and the
   Gaussian sits on the rounded position, with :func:`~hgloss.pose.transforms.get_affine_transform`.
@@ -24,7 +26,7 @@ from numpy.typing import ArrayLike
 
 from .transforms import affine_points, get_affine_transform, get_udp_transform
 
-__all__ = ["MSRAHeatmap", "UDPHeatmap", "decode", "flip_back", "heatmap_to_image"]
+__all__ = ["MSRAHeatmap", "UDPHeatmap", "decode", "flip_back"]
 
 _Heatmaps = TypeVar("_Heatmaps", np.ndarray, torch.Tensor)
 
@@ -71,6 +73,46 @@ class _GaussianHeatmap:
     def stride(self) -> np.ndarray:
         """(2,) input-crop pixels per heatmap pixel along x and y."""
         raise NotImplementedError
+
+    @staticmethod
+    def _transform(center, scale, rotation, output_size, inverse=False) -> np.ndarray:
+        """The crop's affine map for this codec's geometry (a transforms.get_*_transform)."""
+        raise NotImplementedError
+
+    # Whether the flip test shifts the flipped heatmaps one pixel (flip_back's shift).
+    flip_shift: bool
+
+    def crop_transform(self, center: ArrayLike, scale: ArrayLike, rotation: float = 0.0) -> np.ndarray:
+        """The 2x3 affine map from image pixels to input-crop pixels for a person box."""
+        return self._transform(center, scale, rotation, self.input_size)
+
+    def heatmap_to_image(self, coords: ArrayLike, centers: ArrayLike, scales: ArrayLike) -> np.ndarray:
+        """Heatmap-pixel keypoints to image pixels: the inverse of the crop transform with rotation 0
+        and the heatmap as output (HRNet's ``transform_preds`` for MSRAHeatmap).
+
+        Args:
+            coords: (N, K, 2) (x, y) in heatmap pixels.
+            centers: (N, 2) box centres in image pixels.
+            scales: (N, 2) box scales (box size / PIXEL_STD).
+
+        Returns:
+            (N, K, 2) float64 (x, y) in image pixels.
+        """
+        coords = np.asarray(coords, dtype=np.float64)
+        if coords.ndim != 3 or coords.shape[2] != 2:
+            raise ValueError(f"coords must have shape (N, K, 2), got shape {coords.shape}")
+        batch = coords.shape[0]
+        centers = np.asarray(centers, dtype=np.float64)
+        scales = np.asarray(scales, dtype=np.float64)
+        if centers.shape != (batch, 2):
+            raise ValueError(f"centers must have shape ({batch}, 2), got shape {centers.shape}")
+        if scales.shape != (batch, 2):
+            raise ValueError(f"scales must have shape ({batch}, 2), got shape {scales.shape}")
+        image_coords = np.empty_like(coords)
+        for n in range(batch):
+            to_image = self._transform(centers[n], scales[n], 0.0, self.heatmap_size, inverse=True)
+            image_coords[n] = affine_points(coords[n], to_image)
+        return image_coords
 
     def _peak(self, scaled: np.ndarray, rounded: np.ndarray) -> np.ndarray:
         """(2,) where the Gaussian peaks, from the keypoint in heatmap pixels and its rounded position."""
@@ -130,6 +172,11 @@ class MSRAHeatmap(_GaussianHeatmap):
     corresponds to input-crop pixel ``h * stride``.
     """
 
+    _transform = staticmethod(get_affine_transform)
+    # The flipped image's pixel x lands on heatmap x' = W - 1/stride - x, not W - 1 - x; HRNet's
+    # one-pixel shift makes up most of the difference.
+    flip_shift = True
+
     @property
     def stride(self) -> np.ndarray:
         return np.array(self.input_size, dtype=np.float64) / np.array(self.heatmap_size, dtype=np.float64)
@@ -147,6 +194,9 @@ class UDPHeatmap(_GaussianHeatmap):
     """
 
     _minimum_size = 2
+    _transform = staticmethod(get_udp_transform)
+    # Pixel centres of crop and heatmap are aligned, so flipping the heatmap is exact.
+    flip_shift = False
 
     @property
     def stride(self) -> np.ndarray:
@@ -279,48 +329,6 @@ def decode(
     else:
         coords[positive] += _dark_offsets(maps[positive], xs[positive], ys[positive], int(kernel))
     return coords.reshape(batch, joints, 2), scores.reshape(batch, joints)
-
-
-def heatmap_to_image(
-    coords: ArrayLike,
-    centers: ArrayLike,
-    scales: ArrayLike,
-    heatmap_size: Sequence[int],
-    udp: bool = False,
-) -> np.ndarray:
-    """Heatmap-pixel keypoints to image pixels.
-
-    The inverse of the crop transform with rotation 0 and ``output_size = heatmap_size``: HRNet's
-    ``transform_preds`` (:func:`~hgloss.pose.transforms.get_affine_transform`) for :class:`MSRAHeatmap`, or
-    :func:`~hgloss.pose.transforms.get_udp_transform` for :class:`UDPHeatmap` when ``udp``.
-
-    Args:
-        coords: (N, K, 2) (x, y) in heatmap pixels.
-        centers: (N, 2) box centres in image pixels.
-        scales: (N, 2) box scales (box size / PIXEL_STD).
-        heatmap_size: (width, height) of the heatmaps.
-        udp: use the UDP transform.
-
-    Returns:
-        (N, K, 2) float64 (x, y) in image pixels.
-    """
-    coords = np.asarray(coords, dtype=np.float64)
-    if coords.ndim != 3 or coords.shape[2] != 2:
-        raise ValueError(f"coords must have shape (N, K, 2), got shape {coords.shape}")
-    batch = coords.shape[0]
-    centers = np.asarray(centers, dtype=np.float64)
-    scales = np.asarray(scales, dtype=np.float64)
-    if centers.shape != (batch, 2):
-        raise ValueError(f"centers must have shape ({batch}, 2), got shape {centers.shape}")
-    if scales.shape != (batch, 2):
-        raise ValueError(f"scales must have shape ({batch}, 2), got shape {scales.shape}")
-    heatmap_size = _size("heatmap_size", heatmap_size, 2 if udp else 1)
-    transform = get_udp_transform if udp else get_affine_transform
-    image_coords = np.empty_like(coords)
-    for n in range(batch):
-        to_image = transform(centers[n], scales[n], 0.0, heatmap_size, inverse=True)
-        image_coords[n] = affine_points(coords[n], to_image)
-    return image_coords
 
 
 def flip_back(

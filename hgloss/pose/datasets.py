@@ -29,8 +29,6 @@ from .transforms import (
     affine_points,
     box_to_center_scale,
     flip_points,
-    get_affine_transform,
-    get_udp_transform,
     warp_image,
 )
 
@@ -236,25 +234,22 @@ class TopDownDataset(torch.utils.data.Dataset):
 
     Args:
         records: the persons, from coco_records or mpii_records.
-        codec: encodes joints in crop pixels into (heatmaps, weights), e.g. codecs.MSRAHeatmap.
-        input_size: the crop's (width, height).
+        codec: e.g. codecs.MSRAHeatmap; its input_size is the crop's (width, height), its
+            crop_transform cuts the crop, and it encodes the joints into (heatmaps, weights).
         augmentation: None for evaluation crops.
         flip_pairs, upper_body: the skeleton's left/right pairs and upper-body joints.
-        udp: crop with the UDP transform (pair with codecs.UDPHeatmap).
         cache_images: keep every decoded image in memory after its first read (in each loader
             worker), for small sets read every epoch; a 256x256 image takes 192 KiB.
     """
 
-    def __init__(self, records: list[PersonRecord], codec, input_size: tuple[int, int] = (192, 256),
-                 augmentation: Augmentation | None = None, flip_pairs=COCO_FLIP_PAIRS,
-                 upper_body=COCO_UPPER_BODY, udp: bool = False, cache_images: bool = False) -> None:
+    def __init__(self, records: list[PersonRecord], codec, augmentation: Augmentation | None = None,
+                 flip_pairs=COCO_FLIP_PAIRS, upper_body=COCO_UPPER_BODY, cache_images: bool = False) -> None:
         self.records = records
         self.codec = codec
-        self.input_size = tuple(input_size)
+        self.input_size = codec.input_size
         self.augmentation = augmentation
         self.flip_pairs = flip_pairs
         self.upper_body = set(upper_body)
-        self.udp = udp
         self._cache: dict[str, np.ndarray] | None = {} if cache_images else None
 
     def __len__(self) -> int:
@@ -316,8 +311,7 @@ class TopDownDataset(torch.utils.data.Dataset):
                 joints = flip_points(joints, width, self.flip_pairs)
                 center = center.copy()
                 center[0] = width - center[0] - 1
-        transform = get_udp_transform if self.udp else get_affine_transform
-        matrix = transform(center, scale, rotation, self.input_size)
+        matrix = self.codec.crop_transform(center, scale, rotation)
         crop = warp_image(np.ascontiguousarray(image), matrix, self.input_size)
         crop_joints = affine_points(joints[:, :2], matrix)
         heatmaps, weights = self.codec.encode(crop_joints, joints[:, 2])

@@ -25,6 +25,7 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from .checks import checked_array, checked_number
 from .transforms import PIXEL_STD
 
 __all__ = [
@@ -55,56 +56,8 @@ COCO_STAT_NAMES = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "AR
 # MPII's head size is this fraction of the head box diagonal.
 _MPII_HEAD_SIZE_FACTOR = 0.6
 
-Shape = tuple[int | str, ...]
-
-
-def _spell(shape: Shape) -> str:
-    return "(" + ", ".join(str(dim) for dim in shape) + ("," if len(shape) == 1 else "") + ")"
-
-
-def _checked_array(name: str, value: Any, shape: Shape, sizes: dict[str, int], dtype: Any = np.float64) -> np.ndarray:
-    """``value`` as a numpy array of ``dtype`` with the given shape.
-
-    Integers in ``shape`` are required sizes; letters are sizes shared between the arguments of
-    one call, recorded in ``sizes`` by the first argument that has them.
-    """
-    if isinstance(value, torch.Tensor):
-        value = value.detach().cpu()
-        # numpy has no bfloat16; float64 holds every floating dtype torch has exactly.
-        value = (value.double() if value.is_floating_point() else value).numpy()
-    try:
-        array = np.asarray(value, dtype=dtype)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"{name} must be an array of shape {_spell(shape)}: {error}") from None
-    if array.ndim != len(shape):
-        raise ValueError(f"{name} must have shape {_spell(shape)}, got {array.shape}")
-    for dim, size in zip(shape, array.shape):
-        if isinstance(dim, int) and size != dim:
-            raise ValueError(f"{name} must have shape {_spell(shape)}, got {array.shape}")
-        if isinstance(dim, str) and sizes.setdefault(dim, size) != size:
-            raise ValueError(
-                f"{name} must have shape {_spell(shape)} with {dim} = {sizes[dim]} as in the arguments before it, "
-                f"got {array.shape}"
-            )
-    return array
-
-
-def _checked_number(name: str, value: Any, *, minimum: float | None = None, positive: bool = False) -> float:
-    """``value`` as a finite float, at least ``minimum`` or above zero when asked."""
-    if isinstance(value, (str, bytes, bool)):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {value!r}") from None
-    if not math.isfinite(number) or (minimum is not None and number < minimum) or (positive and number <= 0):
-        bound = " > 0" if positive else f" >= {minimum}" if minimum is not None else ""
-        raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")
-    return number
-
-
 def _checked_sigmas(sigmas: Any, sizes: dict[str, int]) -> np.ndarray:
-    array = _checked_array("sigmas", sigmas, ("K",), sizes)
+    array = checked_array("sigmas", sigmas, ("K",), sizes)
     if not np.all(np.isfinite(array) & (array > 0)):
         raise ValueError(f"sigmas must be finite and > 0, got {array.tolist()}")
     return array
@@ -144,10 +97,10 @@ def oks(keypoints_a: Any, keypoints_b: Any, area: float, sigmas: Any = COCO_SIGM
         The OKS in [0, 1]; 0.0 when K is 0.
     """
     sizes: dict[str, int] = {}
-    reference = _checked_array("keypoints_a", keypoints_a, ("K", 3), sizes)
-    candidate = _checked_array("keypoints_b", keypoints_b, ("K", 3), sizes)
+    reference = checked_array("keypoints_a", keypoints_a, ("K", 3), sizes)
+    candidate = checked_array("keypoints_b", keypoints_b, ("K", 3), sizes)
     sigma_array = _checked_sigmas(sigmas, sizes)
-    area_value = _checked_number("area", area, minimum=0.0)
+    area_value = checked_number("area", area, minimum=0.0)
     return float(_oks_to_candidates(reference, candidate[None], np.array([area_value]), sigma_array)[0])
 
 
@@ -166,16 +119,16 @@ def oks_nms(instances: Sequence[Mapping[str, Any]], threshold: float = 0.9, sigm
     Returns:
         Indices into ``instances`` of the kept ones, in the order they were kept.
     """
-    threshold = _checked_number("threshold", threshold)
+    threshold = checked_number("threshold", threshold)
     sizes: dict[str, int] = {}
     keypoints, scores, areas = [], [], []
     for index, instance in enumerate(instances):
         name = f"instances[{index}]"
         if not isinstance(instance, Mapping) or not {"keypoints", "score", "area"} <= instance.keys():
             raise ValueError(f"{name} must be a dict with 'keypoints', 'score' and 'area', got {instance!r}")
-        keypoints.append(_checked_array(f"{name}['keypoints']", instance["keypoints"], ("K", 3), sizes))
-        scores.append(_checked_number(f"{name}['score']", instance["score"]))
-        areas.append(_checked_number(f"{name}['area']", instance["area"], minimum=0.0))
+        keypoints.append(checked_array(f"{name}['keypoints']", instance["keypoints"], ("K", 3), sizes))
+        scores.append(checked_number(f"{name}['score']", instance["score"]))
+        areas.append(checked_number(f"{name}['area']", instance["area"], minimum=0.0))
     if not instances:
         return []
     sigma_array = _checked_sigmas(sigmas, sizes)
@@ -202,9 +155,9 @@ def rescore(keypoint_scores: Any, box_score: float, threshold: float = 0.2) -> f
         box_score: the person detector's score for the box the keypoints were predicted in.
         threshold: keypoint scores at or below it are left out of the mean.
     """
-    scores = _checked_array("keypoint_scores", keypoint_scores, ("K",), {})
-    box_score = _checked_number("box_score", box_score)
-    threshold = _checked_number("threshold", threshold)
+    scores = checked_array("keypoint_scores", keypoint_scores, ("K",), {})
+    box_score = checked_number("box_score", box_score)
+    threshold = checked_number("threshold", threshold)
     confident = scores[scores > threshold]
     return (float(confident.mean()) if confident.size else 0.0) * box_score
 
@@ -239,15 +192,15 @@ def coco_results(
         score), or in input order without NMS.
     """
     sizes: dict[str, int] = {}
-    id_array = _checked_array("image_ids", image_ids, ("N",), sizes, dtype=None)
+    id_array = checked_array("image_ids", image_ids, ("N",), sizes, dtype=None)
     if id_array.size and not (np.issubdtype(id_array.dtype, np.integer) or _is_integral(id_array)):
         raise ValueError(f"image_ids must be integers, got {id_array.dtype} values {id_array[:5].tolist()}...")
-    keypoint_array = _checked_array("keypoints", keypoints, ("N", "K", 3), sizes)
-    box_score_array = _checked_array("box_scores", box_scores, ("N",), sizes)
-    area_array = _checked_array("areas", areas, ("N",), sizes)
-    rescore_threshold = _checked_number("rescore_threshold", rescore_threshold)
+    keypoint_array = checked_array("keypoints", keypoints, ("N", "K", 3), sizes)
+    box_score_array = checked_array("box_scores", box_scores, ("N",), sizes)
+    area_array = checked_array("areas", areas, ("N",), sizes)
+    rescore_threshold = checked_number("rescore_threshold", rescore_threshold)
     if nms_threshold is not None:
-        nms_threshold = _checked_number("nms_threshold", nms_threshold)
+        nms_threshold = checked_number("nms_threshold", nms_threshold)
         sigma_array = _checked_sigmas(sigmas, sizes)
 
     indices_by_image: dict[int, list[int]] = {}
@@ -297,14 +250,14 @@ def _checked_result(index: int, result: Any) -> dict[str, Any]:
     for field in ("image_id", "category_id"):
         if isinstance(result[field], bool) or not isinstance(result[field], Integral):
             raise ValueError(f"{name}['{field}'] must be an int, got {result[field]!r}")
-    keypoints = _checked_array(f"{name}['keypoints']", result["keypoints"], ("3K",), {})
+    keypoints = checked_array(f"{name}['keypoints']", result["keypoints"], ("3K",), {})
     if keypoints.size == 0 or keypoints.size % 3:
         raise ValueError(f"{name}['keypoints'] must hold 3K numbers [x1, y1, s1, ...], got shape {keypoints.shape}")
     return {
         "image_id": int(result["image_id"]),
         "category_id": int(result["category_id"]),
         "keypoints": keypoints.tolist(),
-        "score": _checked_number(f"{name}['score']", result["score"]),
+        "score": checked_number(f"{name}['score']", result["score"]),
     }
 
 
@@ -372,13 +325,13 @@ def pckh(
         each joint, NaN for a joint that is never visible. Rates are fractions in [0, 1].
     """
     sizes: dict[str, int] = {}
-    predicted = _checked_array("predictions", predictions, ("N", "K", 2), sizes)
-    target = _checked_array("ground_truth", ground_truth, ("N", "K", 2), sizes)
-    visible_mask = _checked_array("visible", visible, ("N", "K"), sizes, dtype=bool)
-    heads = _checked_array("head_sizes", head_sizes, ("N",), sizes)
+    predicted = checked_array("predictions", predictions, ("N", "K", 2), sizes)
+    target = checked_array("ground_truth", ground_truth, ("N", "K", 2), sizes)
+    visible_mask = checked_array("visible", visible, ("N", "K"), sizes, dtype=bool)
+    heads = checked_array("head_sizes", head_sizes, ("N",), sizes)
     if not np.all(np.isfinite(heads) & (heads > 0)):
         raise ValueError(f"head_sizes must be finite and > 0, got min {heads.min()}")
-    threshold_values = [_checked_number(f"thresholds[{i}]", t, positive=True) for i, t in enumerate(thresholds)]
+    threshold_values = [checked_number(f"thresholds[{i}]", t, positive=True) for i, t in enumerate(thresholds)]
 
     # A NaN prediction has a NaN distance, which fails every comparison: it counts as wrong.
     distances = np.linalg.norm(predicted - target, axis=-1)
@@ -404,7 +357,7 @@ def head_sizes_from_boxes(head_boxes: Any) -> np.ndarray:
     Returns:
         (N,) head sizes in pixels.
     """
-    boxes = _checked_array("head_boxes", head_boxes, ("N", 4), {})
+    boxes = checked_array("head_boxes", head_boxes, ("N", 4), {})
     return _MPII_HEAD_SIZE_FACTOR * np.hypot(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
 
 
@@ -434,12 +387,12 @@ def load_mpii_head_boxes(path: "str | os.PathLike[str]") -> np.ndarray:
         contents = loadmat(path)
         if "headboxes_src" not in contents:
             raise ValueError(f"{path!r} has no 'headboxes_src' entry")
-        corners = _checked_array(f"'headboxes_src' in {path!r}", contents["headboxes_src"], (2, 2, "N"), {})
+        corners = checked_array(f"'headboxes_src' in {path!r}", contents["headboxes_src"], (2, 2, "N"), {})
         # corners[0] is (x1, y1) and corners[1] is (x2, y2), each (2, N).
         return np.concatenate([corners[0].T, corners[1].T], axis=1)
     with open(path, encoding="utf-8") as file:
         boxes = json.load(file)
-    return _checked_array(f"the head boxes in {path!r}", boxes, ("N", 4), {})
+    return checked_array(f"the head boxes in {path!r}", boxes, ("N", 4), {})
 
 
 def _peak_rows_cols(heatmaps: np.ndarray) -> np.ndarray:
@@ -468,9 +421,9 @@ def heatmap_pck(predicted: Any, target: Any, threshold: float = 0.5) -> tuple[np
         samples (0.0 when none has); counted the number of such joints.
     """
     sizes: dict[str, int] = {}
-    predicted_maps = _checked_array("predicted", predicted, ("N", "K", "H", "W"), sizes)
-    target_maps = _checked_array("target", target, ("N", "K", "H", "W"), sizes)
-    threshold = _checked_number("threshold", threshold)
+    predicted_maps = checked_array("predicted", predicted, ("N", "K", "H", "W"), sizes)
+    target_maps = checked_array("target", target, ("N", "K", "H", "W"), sizes)
+    threshold = checked_number("threshold", threshold)
     batch, joints, height, width = predicted_maps.shape
     if height == 0 or width == 0:
         raise ValueError(f"predicted must have H, W >= 1, got shape {predicted_maps.shape}")

@@ -17,14 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from .datasets import IMAGENET_MEAN, IMAGENET_STD
-from .synthetic import SKELETON
+from hgloss.pose.checks import checked_array
+from hgloss.pose.datasets import IMAGENET_MEAN, IMAGENET_STD
+from hgloss.pose.synthetic import SKELETON
 
 __all__ = ["VALIDATION_METRICS", "plot_predictions", "plot_training_curves"]
 
@@ -213,32 +213,6 @@ def plot_training_curves(log_path: PathLike, out_path: PathLike) -> Path:
 # Predictions
 
 
-def _as_numpy(value: Any) -> np.ndarray:
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu().to(torch.float64).numpy()
-    return np.asarray(value, dtype=np.float64)
-
-
-def _spell(shape: Sequence[int | str]) -> str:
-    return "(" + ", ".join(str(size) for size in shape) + ")"
-
-
-def _checked(name: str, value: Any, expected: Sequence[int | str], sizes: dict[str, int]) -> np.ndarray:
-    """`value` as a float64 array of shape `expected`, whose letters are sizes known from `sizes` or, if
-    not known yet, taken from `value` and added to `sizes`; else ValueError naming `name` and the shape."""
-    array = _as_numpy(value)
-    matches = array.ndim == len(expected)
-    if matches:
-        for size, wanted in zip(array.shape, expected):
-            if isinstance(wanted, str):
-                wanted = sizes.setdefault(wanted, size)
-            matches = matches and size == wanted
-    if not matches:
-        known = tuple(sizes.get(size, size) if isinstance(size, str) else size for size in expected)
-        raise ValueError(f"{name} must have shape {_spell(expected)} = {_spell(known)}, got {_spell(array.shape)}")
-    return array
-
-
 def _joint_colours(joints: int, flip_pairs: Sequence[tuple[int, int]] | None) -> list[str]:
     """(K,) the colour of each joint's side."""
     if flip_pairs is None:
@@ -314,12 +288,12 @@ def plot_predictions(
             max_samples < 1, or skeleton or flip_pairs indices outside the K joints.
     """
     sizes: dict[str, int] = {}
-    images = _checked("images", images, ("N", 3, "H", "W"), sizes)
-    heatmaps = _checked("heatmaps", heatmaps, ("N", "K", "h", "w"), sizes)
-    keypoints = _checked("keypoints", keypoints, ("N", "K", 2), sizes)
-    scores = _checked("scores", scores, ("N", "K"), sizes)
+    images = checked_array("images", images, ("N", 3, "H", "W"), sizes)
+    heatmaps = checked_array("heatmaps", heatmaps, ("N", "K", "h", "w"), sizes)
+    keypoints = checked_array("keypoints", keypoints, ("N", "K", 2), sizes)
+    scores = checked_array("scores", scores, ("N", "K"), sizes)
     if target is not None:
-        target = _checked("target", target, ("N", "K", 3), sizes)
+        target = checked_array("target", target, ("N", "K", 3), sizes)
     if sizes["N"] == 0:
         raise ValueError("images must hold at least one sample, got shape (0, ...)")
     if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1:
