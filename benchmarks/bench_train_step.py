@@ -23,15 +23,14 @@ a step whose loss is a plain weighted sum of the output ("model only") gives the
 without any heatmap loss. The table reports the step, the loss alone, the loss's share of the
 step, and the step's speed-up over eager.
 
-The model is built inside this script: SimpleBaseline (a ResNet and three 4x4 deconvolutions,
-stride 4 heatmaps) in plain PyTorch, with random weights, since its speed does not depend on
-them. hgloss ships no model zoo.
+The model comes from hgloss.pose.models (SimpleBaseline: a ResNet and three 4x4 deconvolutions,
+stride 4 heatmaps; or HRNet), with random weights, since its speed does not depend on them.
 
 Examples::
 
-    python benchmarks/bench_train_step.py                           # CPU: small ResNet-18, B=16
-    python benchmarks/bench_train_step.py --device cuda             # ResNet-50, 256x192, B=32
-    python benchmarks/bench_train_step.py --model resnet50 --batch 8 --rounds 2 --out /tmp/step
+    python benchmarks/bench_train_step.py                           # CPU: simplebaseline_res18_small, B=16
+    python benchmarks/bench_train_step.py --device cuda             # simplebaseline_res50, 256x192, B=32
+    python benchmarks/bench_train_step.py --model hrnet_w32 --batch 8 --rounds 2 --out /tmp/step
 
 It prints a markdown table and writes train_step.csv, train_step.md and train_step.png to
 benchmarks/results/<device-tag>/.
@@ -53,6 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import hgloss
+from hgloss.pose import models
 
 try:
     from . import _timing as timing
@@ -67,92 +67,6 @@ MODEL_ONLY = "model only"
 ALPHA = 0.5
 LOSS_RTOL = 1e-4
 JOINTS = 17
-
-
-# ------------------------------------------------------------------------------------------------
-# The model: SimpleBaseline (Xiao et al. 2018) in plain PyTorch
-
-
-class BasicBlock(nn.Module):
-    expansion = 1
-
-    def __init__(self, in_channels: int, channels: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, channels, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(channels)
-        self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(channels)
-        self.shortcut = _shortcut(in_channels, channels, stride)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
-
-
-class Bottleneck(nn.Module):
-    expansion = 4
-
-    def __init__(self, in_channels: int, channels: int, stride: int) -> None:
-        super().__init__()
-        out_channels = channels * self.expansion
-        self.conv1 = nn.Conv2d(in_channels, channels, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(channels)
-        self.conv2 = nn.Conv2d(channels, channels, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(channels)
-        self.conv3 = nn.Conv2d(channels, out_channels, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(out_channels)
-        self.shortcut = _shortcut(in_channels, out_channels, stride)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = F.relu(self.bn2(self.conv2(out)))
-        return F.relu(self.bn3(self.conv3(out)) + self.shortcut(x))
-
-
-def _shortcut(in_channels: int, out_channels: int, stride: int) -> nn.Module:
-    if stride == 1 and in_channels == out_channels:
-        return nn.Identity()
-    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), nn.BatchNorm2d(out_channels))
-
-
-class SimpleBaseline(nn.Module):
-    """ResNet backbone (stride 32), three stride-2 deconvolutions, 1x1 conv to the heatmaps."""
-
-    def __init__(self, block: type, depths: Sequence[int], width: int, deconv_channels: int, joints: int) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(
-            nn.Conv2d(3, width, 7, 2, 3, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1)
-        )
-        stages, in_channels = [], width
-        for index, depth in enumerate(depths):
-            channels = width * 2**index
-            for position in range(depth):
-                stride = 2 if index > 0 and position == 0 else 1
-                stages.append(block(in_channels, channels, stride))
-                in_channels = channels * block.expansion
-        self.backbone = nn.Sequential(*stages)
-        head = []
-        for _ in range(3):
-            head += [
-                nn.ConvTranspose2d(in_channels, deconv_channels, 4, 2, 1, bias=False),
-                nn.BatchNorm2d(deconv_channels),
-                nn.ReLU(inplace=True),
-            ]
-            in_channels = deconv_channels
-        head.append(nn.Conv2d(deconv_channels, joints, 1))
-        self.head = nn.Sequential(*head)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(self.stem(images)))
-
-
-MODELS = {
-    # SimpleBaseline-ResNet-50 as published: 64-wide stem, 256-channel deconvolutions.
-    "resnet50": dict(block=Bottleneck, depths=(3, 4, 6, 3), width=64, deconv_channels=256),
-    "resnet18": dict(block=BasicBlock, depths=(2, 2, 2, 2), width=64, deconv_channels=256),
-    # A quarter of ResNet-18's width: a step in a fraction of a second on two CPU cores.
-    "resnet18-small": dict(block=BasicBlock, depths=(2, 2, 2, 2), width=16, deconv_channels=64),
-}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -379,7 +293,8 @@ def parse_size(text: str) -> tuple[int, int]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
-    parser.add_argument("--model", choices=sorted(MODELS), help="default: resnet50 on cuda, resnet18-small on cpu")
+    parser.add_argument("--model", choices=models.MODEL_NAMES,
+                        help="default: simplebaseline_res50 on cuda, simplebaseline_res18_small on cpu")
     parser.add_argument("--batch", type=int, help="default: 32 on cuda, 16 on cpu")
     parser.add_argument("--input-size", type=parse_size, default=(256, 192), help="HxW of the images [256x192]")
     parser.add_argument("--providers", help="comma-separated; default: eager, reference, compile and every fused backend")
@@ -397,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_train_step.py: error: --device cuda but torch sees no CUDA device")
     on_cuda = device.type == "cuda"
-    model_name = args.model or ("resnet50" if on_cuda else "resnet18-small")
+    model_name = args.model or ("simplebaseline_res50" if on_cuda else "simplebaseline_res18_small")
     batch_size = args.batch or (32 if on_cuda else 16)
     repeats = args.repeats or (10 if on_cuda else 3)
     if min(batch_size, args.rounds, repeats) < 1 or args.warmup < 0:
@@ -414,12 +329,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     height, width = args.input_size
     torch.manual_seed(0)
-    model = SimpleBaseline(joints=JOINTS, **MODELS[model_name]).to(device)
+    model = models.build_model(model_name, JOINTS).to(device)
     batches = make_batches(2, batch_size, height, width, device)
     with torch.no_grad():
         sample_output = model(batches[0].images)
     progress(
-        f"{timing.device_name(device)}: SimpleBaseline-{model_name} (built in this script), batch {batch_size}, "
+        f"{timing.device_name(device)}: {model_name} (hgloss.pose.models), batch {batch_size}, "
         f"{height}x{width} -> {tuple(sample_output.shape[1:])}; providers: {', '.join(providers)}"
     )
 
@@ -459,7 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     info = machine_info([device.type], {device.type: timing.copy_bandwidth(device)})
     write_csv(out / "train_step.csv", rows, settings, info)
     command = shlex.join([Path(sys.executable).name, *sys.argv])
-    title = (f"{info['device_name']}: SimpleBaseline-{model_name}, batch {batch_size}, {height}x{width}, "
+    title = (f"{info['device_name']}: {model_name}, batch {batch_size}, {height}x{width}, "
              f"K={JOINTS}, float32, Adam")
     (out / "train_step.md").write_text(
         f"# Training step: {title}\n\n"

@@ -51,7 +51,7 @@ def test_loss_benchmark_times_each_thread_count(tmp_path):
 def test_train_step_benchmark_writes_csv_summary_and_plot(tmp_path):
     pytest.importorskip("matplotlib")
     result = run_benchmark(
-        "bench_train_step.py", "--device", "cpu", "--model", "resnet18-small", "--batch", "2",
+        "bench_train_step.py", "--device", "cpu", "--model", "simplebaseline_res18_small", "--batch", "2",
         "--input-size", "64x64", "--providers", "eager,cpu", "--rounds", "2", "--repeats", "1",
         "--warmup", "0", "--out", str(tmp_path),
     )

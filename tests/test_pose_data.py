@@ -11,7 +11,7 @@ import torch
 
 from hgloss.pose import codecs, datasets
 from hgloss.pose.synthetic import write_synthetic_coco
-from hgloss.pose.transforms import affine_points, get_affine_transform
+from hgloss.pose.transforms import affine_points, get_affine_transform, get_udp_transform
 
 from conftest import ROOT
 
@@ -184,6 +184,21 @@ def test_crops_are_reproducible_from_their_seed_and_put_the_peaks_on_the_joints(
     labelled = plain["target_weight"].numpy() > 0
     assert labelled.sum() > 0
     assert np.abs(decoded[0][labelled] - expected[labelled]).max() <= 1.0
+
+
+@needs_coco_sample
+@pytest.mark.parametrize("codec_class", [codecs.MSRAHeatmap, codecs.UDPHeatmap], ids=["msra", "udp"])
+def test_the_crop_geometry_comes_from_the_codec(codec_class):
+    records, _ = datasets.coco_records(os.path.join(COCO_SAMPLE, "test_coco.json"), COCO_SAMPLE)
+    codec = codec_class((96, 128), (24, 32), 1.5)
+    sample = datasets.TopDownDataset(records, codec)[1]
+    record = records[1]
+    matrix = get_udp_transform if codec_class is codecs.UDPHeatmap else get_affine_transform
+    in_crop = affine_points(record.joints[:, :2], matrix(record.center, record.scale, 0.0, (96, 128)))
+    heatmaps, weights = codec.encode(in_crop, record.joints[:, 2])
+    assert sample["image"].shape == (3, 128, 96)
+    np.testing.assert_array_equal(sample["target"].numpy(), heatmaps)
+    np.testing.assert_array_equal(sample["target_weight"].numpy(), weights)
 
 
 @needs_coco_sample

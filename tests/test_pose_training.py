@@ -11,7 +11,10 @@ import sys
 import pytest
 import torch
 
+from hgloss.distill import ReplayDistillation, SeededBatchSampler, SnapshotDistillation
 from trainer import Trainer, load_config
+from trainer.data import DataSplit, load_split
+from trainer.loop import build_distillation, build_model
 from trainer.loss import PoseLoss
 
 from conftest import ROOT
@@ -79,6 +82,32 @@ def test_the_gradient_term_switches_on_at_grad_start_epoch():
         load_config(None, {"grad_start_epoch": -1})
     with pytest.raises(ValueError, match=r"gradient_form must be one of \['components', 'magnitude'\]"):
         load_config(None, {"gradient_form": "norm"})
+
+
+@pytest.mark.parametrize("loss, distill", [("mse", "replay"), ("hg", "snapshot"), ("hg+sd", "replay"),
+                                           ("hg+sd", "snapshot")])
+def test_build_distillation_alone(loss, distill):
+    config = load_config(None, {**TINY, "loss": loss, "distill": distill, "batch_size": 4})
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    distillation, sampler = build_distillation(config, optimizer, torch.nn.Linear(1, 1), dataset_size=10)
+    if loss != "hg+sd":
+        assert distillation is None and type(sampler) is SeededBatchSampler
+    elif distill == "replay":
+        assert isinstance(distillation, ReplayDistillation) and distillation.batch_sampler is sampler
+    else:
+        assert isinstance(distillation, SnapshotDistillation) and type(sampler) is SeededBatchSampler
+    assert len(sampler) >= 3 and sampler.seed == config.seed
+
+
+def test_load_split_and_build_model_alone(tmp_path):
+    config = load_config(None, {**TINY, "data_root": str(tmp_path / "data")})
+    split = load_split(config)
+    assert isinstance(split, DataSplit) and split.num_joints == 17 and split.train and split.val
+    assert split.annotation_file.endswith("person_keypoints_val.json") and split.head_sizes is None
+    model = build_model(config, split.num_joints, torch.device("cpu"))
+    assert model(torch.zeros(1, 3, 96, 64)).shape == (1, 17, 24, 16)
+    with pytest.raises(ValueError, match="but heatmap_size is 12x16"):
+        build_model(load_config(None, {**TINY, "heatmap_size": [12, 16]}), 17, torch.device("cpu"))
 
 
 def test_cached_images_give_the_same_samples(tmp_path):
