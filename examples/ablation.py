@@ -349,13 +349,8 @@ def _plot_weight_sweep(rows: list[dict], path: Path) -> None:
     if not drawn:
         return
     axes.set_xscale("log")
-    axes.set_xlabel("grad_weight (forward stencil)")
-    axes.set_ylabel("COCO AP (synthetic val)")
-    axes.set_title("AP against the gradient term's weight (mean, min-max over seeds)")
-    axes.legend(fontsize=8)
-    axes.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path)
+    _save_ap_plot(figure, axes, path, "grad_weight (forward stencil)",
+                  "AP against the gradient term's weight (mean, min-max over seeds)")
 
 
 def _plot_shape_metrics(rows: list[dict], path: Path) -> None:
@@ -397,9 +392,13 @@ def _plot_mse_curves(runs: Path, path: Path) -> None:
                 drawn = True
     if not drawn:
         return
-    axes.set_xlabel("epoch")
+    _save_ap_plot(figure, axes, path, "epoch", "mse runs: validation AP during training (one line per seed)")
+
+
+def _save_ap_plot(figure, axes, path: Path, xlabel: str, title: str) -> None:
+    axes.set_xlabel(xlabel)
     axes.set_ylabel("COCO AP (synthetic val)")
-    axes.set_title("mse runs: validation AP during training (one line per seed)")
+    axes.set_title(title)
     axes.legend(fontsize=8)
     axes.grid(alpha=0.3)
     figure.tight_layout()
