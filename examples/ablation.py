@@ -147,7 +147,7 @@ def _train(run: Run, config_path: str, best_weight: float | None, runs: Path, th
         "distill": config.distill if config.loss == "hg+sd" else "", "alpha": config.alpha if config.loss == "hg+sd" else 0.0,
         "distance0": config.distance0 if config.loss == "hg+sd" else "",
         "step_factor": config.step_factor if config.loss == "hg+sd" else "", "seed": run.seed,
-        "epochs": config.epochs, "optimizer_steps": trainer.step, "wall_s": round(wall, 1),
+        "epochs": config.epochs, "optimizer_steps": trainer.state.step, "wall_s": round(wall, 1),
         **{key: metrics.get(key, float("nan")) for key in ("AP", "AP50", "AP75", "AR", *SHAPE_METRICS)},
     }  # fmt: skip
     (folder / "result.json").write_text(json.dumps(row, indent=1))
