@@ -158,6 +158,11 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------------------------------
 
+    def _autocast(self):
+        """Mixed precision for the forward passes when `amp` asks for it (CUDA only)."""
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.amp)
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+
     def _train_epoch(self, epoch: int) -> list[float]:
         from tqdm import tqdm
 
@@ -165,18 +170,16 @@ class Trainer:
         self.batch_sampler.set_epoch(epoch)
         self.criterion.set_epoch(epoch)
         self.student.train()
-        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.amp)
-        autocast = lambda: torch.autocast(self.device.type, dtype=amp_dtype, enabled=amp_dtype is not None)  # noqa: E731
         losses, samples, started = [], 0, time.perf_counter()
         bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
                    disable=not config.progress or self.rank != 0, file=sys.stderr)
         for batch in bar:
             batch = batch.to(self.device)
-            with autocast():
+            with self._autocast():
                 output = self.student(batch.image)
             teacher = alpha = None
             if self.distillation is not None:
-                with autocast():
+                with self._autocast():
                     teacher, alpha = self.distillation.fetch_teacher(inputs=batch.image, keys=batch.index,
                                                                      replayed=batch.replayed)
                 self.distillation.store_predictions(output, keys=batch.index, replayed=batch.replayed)
