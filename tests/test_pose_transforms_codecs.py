@@ -261,6 +261,34 @@ def test_each_codec_owns_its_crop_geometry_and_flip_shift():
     assert msra.flip_shift and not udp.flip_shift
 
 
+@pytest.mark.parametrize("codec", [MSRAHeatmap(INPUT_SIZE, HEATMAP_SIZE, 2.0), UDPHeatmap(INPUT_SIZE, HEATMAP_SIZE, 2.0)],
+                         ids=["msra", "udp"])
+def test_the_codecs_flip_shift_keeps_a_perfect_flip_test_unbiased(codec):
+    # A perfect model predicts the targets. For the flipped crop it predicts the targets of the
+    # mirrored keypoints (pixel x -> width - 1 - x); brought back with the codec's flip_shift they
+    # must decode where the unflipped prediction does, and closer than with the other choice.
+    rng = np.random.default_rng(5)
+    width = INPUT_SIZE[0]
+    keypoints = rng.uniform([16, 16], [width - 17, INPUT_SIZE[1] - 17], size=(200, 2))
+    mirrored = keypoints.copy()
+    mirrored[:, 0] = width - 1 - keypoints[:, 0]
+    visible = np.ones(len(keypoints))
+    straight, _ = codec.encode(keypoints, visible)
+    flipped, _ = codec.encode(mirrored, visible)
+    reference, _ = decode(straight[None], refine="dark")
+
+    def bias(shift):
+        restored = flip_back(flipped[None], [], shift=shift)
+        coords, _ = decode(restored, refine="dark")
+        return np.abs(coords[0, :, 0] - reference[0, :, 0]).mean()
+
+    assert bias(codec.flip_shift) < bias(not codec.flip_shift)
+    if isinstance(codec, UDPHeatmap):
+        assert bias(codec.flip_shift) < 0.05  # exact up to the Gaussian's clipped window
+    else:
+        assert bias(codec.flip_shift) <= 0.5  # HRNet's shift leaves MSRA's rounding to the pixel
+
+
 def test_flip_back():
     rng = np.random.default_rng(3)
     heatmaps = rng.standard_normal((2, 17, 8, 6)).astype(np.float32)
