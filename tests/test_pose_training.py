@@ -4,6 +4,7 @@ each run to seconds."""
 
 import json
 import os
+import pickle
 import socket
 import subprocess
 import sys
@@ -120,6 +121,26 @@ def test_cached_images_give_the_same_samples(tmp_path):
         assert torch.equal(first["image"], second["image"]) and torch.equal(first["target"], second["target"])
     assert len(cached._cache) == len({cached.records[index].image_path for index in (0, 1)})
     assert not next(iter(cached._cache.values())).flags.writeable
+
+
+class RunsCodeWhenUnpickled:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_resume_refuses_a_checkpoint_that_would_run_code(tmp_path):
+    marker = tmp_path / "code-ran"
+    _, out = run(tmp_path, "run", loss="hg")
+    checkpoint = torch.load(out / "last.pt", weights_only=True)  # what the trainer writes loads safely
+    checkpoint["run"] = RunsCodeWhenUnpickled(marker)
+    torch.save(checkpoint, out / "last.pt")
+    config = load_config(None, {**TINY, "loss": "hg", "data_root": str(tmp_path / "data"), "out": str(out)})
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        Trainer(config, resume="auto")
+    assert not marker.exists()
 
 
 def free_port() -> int:

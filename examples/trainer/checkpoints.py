@@ -1,5 +1,7 @@
 """The run's state and its checkpoints: written atomically (a temporary file, then a rename), so
-that a kill mid-write never leaves a half-written last.pt."""
+that a kill mid-write never leaves a half-written last.pt, and holding only tensors, numbers,
+strings, lists and dicts, so that resuming reads them with torch.load(weights_only=True) and a
+checkpoint from elsewhere cannot run code."""
 
 import os
 import random
@@ -28,13 +30,22 @@ def save_atomically(state: dict, path: Path) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The global generators' states; numpy's key array as a list, which weights_only loading accepts."""
+    name, key, position, has_gauss, cached_gaussian = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [name, key.tolist(), position, has_gauss, cached_gaussian],
+            "torch": torch.get_rng_state()}
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, key, position, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((name, np.array(key, dtype=np.uint32), position, has_gauss, cached_gaussian))
     torch.set_rng_state(state["torch"])
+
+
+def load_checkpoint(path: str, device: torch.device) -> dict[str, Any]:
+    """A checkpoint's contents, read without running any code it might hold (weights_only)."""
+    return torch.load(path, map_location=device, weights_only=True)
 
 
 def seed_everything(seed: int) -> None:

@@ -22,7 +22,7 @@ from hgloss.distill import (
 from hgloss.pose import evaluation, models
 
 from . import distributed
-from .checkpoints import RunState, rng_state, save_atomically, seed_everything, set_rng_state
+from .checkpoints import RunState, load_checkpoint, rng_state, save_atomically, seed_everything, set_rng_state
 from .config import TrainConfig
 from .data import DataSplit, build_codec, build_datasets, build_loaders, load_split
 from .evaluate import evaluate, headline_metric
@@ -131,7 +131,7 @@ class Trainer:
             path = str(self.out / "last.pt")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no checkpoint to resume from at {path}")
-        checkpoint = torch.load(path, map_location=self.device, weights_only=False)
+        checkpoint = load_checkpoint(path, self.device)
         self.model.load_state_dict(checkpoint["model"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
