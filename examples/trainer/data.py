@@ -1,7 +1,7 @@
 """The trainer's data: the split (records and what evaluation needs), the codec, the datasets,
 the batch as a named structure, and the loaders."""
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -99,8 +99,9 @@ class Batch:
     def to(self, device: torch.device) -> "Batch":
         """The batch with the tensors the model and the loss read moved to `device`; the
         bookkeeping stays where it is."""
-        moved = {name: getattr(self, name).to(device, non_blocking=True) for name in ("image", "target", "target_weight")}
-        return Batch(**{**{field.name: getattr(self, field.name) for field in fields(self)}, **moved})
+        return replace(self, image=self.image.to(device, non_blocking=True),
+                       target=self.target.to(device, non_blocking=True),
+                       target_weight=self.target_weight.to(device, non_blocking=True))
 
 
 def collate(samples: list[dict]) -> Batch:

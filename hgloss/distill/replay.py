@@ -9,7 +9,7 @@ import torch
 
 from ._checks import as_flag_list, as_key_list, check_int
 from .sampler import ReplayBatchSampler
-from .schedule import SteppingSchedule
+from .schedule import SteppingSchedule, check_optimizer, check_schedule, largest_lr
 
 
 class PredictionBank:
@@ -199,10 +199,8 @@ class ReplayDistillation:
 
     def __init__(self, schedule: SteppingSchedule, optimizer: torch.optim.Optimizer,
                  batch_sampler: ReplayBatchSampler) -> None:
-        if not isinstance(schedule, SteppingSchedule):
-            raise ValueError(f"schedule must be a SteppingSchedule, got {type(schedule).__name__}")
-        if not hasattr(optimizer, "param_groups"):
-            raise ValueError(f"optimizer must be a torch optimizer, got {type(optimizer).__name__}")
+        check_schedule(schedule)
+        check_optimizer(optimizer)
         if not isinstance(batch_sampler, ReplayBatchSampler) or batch_sampler.schedule is not schedule:
             raise ValueError("batch_sampler must be a ReplayBatchSampler built on the same schedule")
         self.schedule = schedule
@@ -238,7 +236,7 @@ class ReplayDistillation:
     def after_step(self) -> None:
         """Feed the learning rate to the schedule (the largest over param groups) and let the
         bank's capacity follow the distance."""
-        self.schedule.observe_lr(max(group["lr"] for group in self.optimizer.param_groups))
+        self.schedule.observe_lr(largest_lr(self.optimizer))
         self.bank.capacity_batches = self.schedule.distance
 
     def state_dict(self) -> dict[str, Any]:

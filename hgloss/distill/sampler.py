@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from ._checks import check_int, check_real
-from .schedule import SteppingSchedule
+from .schedule import SteppingSchedule, check_schedule
 
 _Item = TypeVar("_Item")
 
@@ -167,9 +167,7 @@ class ReplayBatchSampler(SeededBatchSampler):
         drop_last: bool = False,
     ) -> None:
         super().__init__(dataset_size, batch_size, shuffle, seed, num_replicas, rank, drop_last)
-        if not isinstance(schedule, SteppingSchedule):
-            raise ValueError(f"schedule must be a SteppingSchedule, got {type(schedule).__name__}")
-        self.schedule = schedule
+        self.schedule = check_schedule(schedule)
         self.replay_fraction = check_real("replay_fraction", replay_fraction, 0.0, 1.0, high_open=True)
         self.replays_per_batch = min(math.floor(self.replay_fraction * self.batch_size + 0.5), self.batch_size - 1)
 

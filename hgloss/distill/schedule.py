@@ -126,3 +126,19 @@ class SteppingSchedule:
         self.stepping_events = int(state["stepping_events"])
         self.reference_lr = None if state["reference_lr"] is None else float(state["reference_lr"])
 
+
+def check_schedule(schedule: Any) -> SteppingSchedule:
+    if not isinstance(schedule, SteppingSchedule):
+        raise ValueError(f"schedule must be a SteppingSchedule, got {type(schedule).__name__}")
+    return schedule
+
+
+def check_optimizer(optimizer: Any) -> Any:
+    if not hasattr(optimizer, "param_groups"):
+        raise ValueError(f"optimizer must be a torch optimizer, got {type(optimizer).__name__}")
+    return optimizer
+
+
+def largest_lr(optimizer: Any) -> float:
+    """The learning rate a schedule observes: the largest over the optimizer's param groups."""
+    return max(group["lr"] for group in optimizer.param_groups)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ._checks import unwrap
-from .schedule import SteppingSchedule
+from .schedule import SteppingSchedule, check_optimizer, check_schedule, largest_lr
 
 
 class SnapshotTeacher:
@@ -114,10 +114,8 @@ class SnapshotDistillation:
     """
 
     def __init__(self, schedule: SteppingSchedule, optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
-        if not isinstance(schedule, SteppingSchedule):
-            raise ValueError(f"schedule must be a SteppingSchedule, got {type(schedule).__name__}")
-        if not hasattr(optimizer, "param_groups"):
-            raise ValueError(f"optimizer must be a torch optimizer, got {type(optimizer).__name__}")
+        check_schedule(schedule)
+        check_optimizer(optimizer)
         self.schedule = schedule
         self.optimizer = optimizer
         self.snapshot = SnapshotTeacher(model, schedule)
@@ -135,7 +133,7 @@ class SnapshotDistillation:
 
     def after_step(self) -> None:
         """Feed the learning rate to the schedule and count the step for the snapshot."""
-        self.schedule.observe_lr(max(group["lr"] for group in self.optimizer.param_groups))
+        self.schedule.observe_lr(largest_lr(self.optimizer))
         self.snapshot.after_step()
 
     def state_dict(self) -> dict[str, Any]:
