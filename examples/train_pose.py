@@ -19,30 +19,48 @@ import dataclasses
 import sys
 import typing
 
-from trainer import TrainConfig, Trainer, load_config
+from trainer import ConfigError, TrainConfig, Trainer, TrainingDiverged, load_config
+from trainer.config import accepted, coerce
 
 
-def _flag_type(annotation):
-    """How a flag's text becomes the setting's value."""
-    if annotation in (bool, "bool"):
-        return lambda text: {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False,
-                             "no": False, "off": False}[text.lower()]
-    if typing.get_origin(annotation) is list or str(annotation).startswith("list"):
-        inner = float if "float" in str(annotation) else int
-        return lambda text: [inner(part) for part in text.split(",") if part]
-    return {"int": int, "float": float, "str": str}.get(getattr(annotation, "__name__", str(annotation)), str)
+def _flag_type(spec: dataclasses.Field):
+    """How a flag's text becomes the setting's value; argparse reports a refusal as a usage error."""
+
+    def parse(text: str):
+        try:
+            return coerce(spec, text)
+        except ConfigError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    parse.__name__ = spec.name  # argparse names the type in some messages
+    return parse
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:
+        """One line naming the flag and what it accepts (argparse would print the usage of every
+        setting first)."""
+        self.exit(2, f"{self.prog}: error: {message} (--help lists every setting)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n", 2)[2],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML file of settings")
-    parser.add_argument("--resume", help="checkpoint to continue from, or 'auto' for <out>/last.pt")
-    hints = typing.get_type_hints(TrainConfig)
-    for field in dataclasses.fields(TrainConfig):
-        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
-        parser.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, type=_flag_type(hints[field.name]),
-                            default=None, help=f"[{default}]")
+    parser = _Parser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n", 2)[2],
+                     usage="%(prog)s [--config YAML] [--resume PATH] [--SETTING VALUE ...]",
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", metavar="YAML", help="YAML file of settings; flags win over it")
+    parser.add_argument("--resume", metavar="PATH",
+                        help="checkpoint to continue from, or 'auto': <out>/last.pt when there is one, "
+                             "else a fresh start")
+    for spec in dataclasses.fields(TrainConfig):
+        default = spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()
+        choices = spec.metadata["choices"]
+        words = [spec.metadata["help"]]
+        if not choices and not isinstance(default, str):
+            words.append(accepted(spec))
+        shown = ",".join(map(str, default)) if isinstance(default, list) else str(default)
+        parser.add_argument(f"--{spec.name.replace('_', '-')}", dest=spec.name, type=_flag_type(spec), default=None,
+                            metavar="{" + ",".join(choices) + "}" if choices else "VALUE",
+                            help=("; ".join(words) + (f" [{shown}]" if shown else "")).replace("%", "%%"))
     return parser
 
 
@@ -51,12 +69,18 @@ def main(argv=None) -> int:
     overrides = {key: value for key, value in vars(args).items() if key not in ("config", "resume")}
     try:
         config = load_config(args.config, overrides)
-    except (ValueError, FileNotFoundError) as error:
+        trainer = Trainer(config, resume=args.resume)
+    except (ConfigError, OSError) as error:  # settings, paths, files: one line, no traceback
         print(f"train_pose.py: error: {error}", file=sys.stderr)
         return 2
-    trainer = Trainer(config, resume=args.resume)
     try:
         metrics = trainer.fit()
+    except TrainingDiverged as error:
+        print(f"train_pose.py: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"train_pose.py: interrupted; {trainer.where_to_resume()}", file=sys.stderr)
+        return 130
     finally:
         trainer.close()
     if metrics:

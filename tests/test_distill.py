@@ -8,6 +8,7 @@ import socket
 import time
 from datetime import timedelta
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -170,6 +171,34 @@ def test_schedule_state_dict_round_trip():
         restored.observe_lr(lr)
     assert (restored.distance, restored.alpha, restored.steps) == (original.distance, original.alpha, 7)
     assert original.distance == 16  # events at 0.4, 0.3 (after the rise to 1.0), 0.1 and 0.05
+
+
+DELETE = object()  # a field's value in the parametrizations below: the field is left out of the state
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"steps": DELETE}, r"state lacks 'steps'"),
+        ({"steps": -1}, r"state\['steps'\] must be an int >= 0"),
+        ({"steps": 2.0}, r"state\['steps'\] must be an int"),
+        ({"stepping_events": 5}, r"state\['stepping_events'\] must not exceed"),
+        ({"reference_lr": None}, r"state\['reference_lr'\] must be None exactly when"),
+        ({"reference_lr": math.nan}, r"state\['reference_lr'\] must be a number"),
+        ({"reference_lr": -1.0}, r"state\['reference_lr'\] must be a number"),
+    ],
+)
+def test_schedule_load_state_dict_refuses_a_bad_state_and_changes_nothing(change, match):
+    source = SteppingSchedule()
+    for lr in [1.0, 0.4, 0.1]:
+        source.observe_lr(lr)
+    state = {field: value for field, value in {**source.state_dict(), **change}.items() if value is not DELETE}
+    schedule = SteppingSchedule()
+    schedule.observe_lr(1.0)
+    before = schedule.state_dict()
+    with pytest.raises(ValueError, match=match):
+        schedule.load_state_dict(state)
+    assert schedule.state_dict() == before
 
 
 # --------------------------------------------------------------------------------------------
@@ -356,6 +385,34 @@ def test_sampler_state_dict_round_trip():
     assert restored.epoch == 5 and list(restored) == list(original)
 
 
+@pytest.mark.parametrize(
+    "state, match",
+    [
+        ({"epoch": 1, "dataset_size": 31, "batch_size": 4},
+         r"state\['dataset_size'\] is 31, but this sampler has dataset_size=30: the state is of another run"),
+        ({"epoch": 1, "dataset_size": 30, "batch_size": 8},
+         r"state\['batch_size'\] is 8, but this sampler has batch_size=4"),
+        ({"dataset_size": 30, "batch_size": 4}, r"state lacks 'epoch'"),
+        ({"epoch": -1}, r"state\['epoch'\] must be an int >= 0"),
+        ({"epoch": 1.5}, r"state\['epoch'\] must be an int >= 0"),
+        ([1], "state must be a dict"),
+    ],
+)
+def test_sampler_load_state_dict_refuses_another_run_and_changes_nothing(state, match):
+    for sampler in (ReplayBatchSampler(30, 4, fixed_distance(2)), SeededBatchSampler(30, 4)):
+        sampler.set_epoch(3)
+        with pytest.raises(ValueError, match=match):
+            sampler.load_state_dict(state)
+        assert sampler.epoch == 3
+
+
+def test_sampler_loads_a_state_saved_before_the_sizes_were_recorded():
+    sampler = ReplayBatchSampler(30, 4, fixed_distance(2))
+    sampler.load_state_dict({"epoch": 7})
+    assert sampler.epoch == 7
+    assert sampler.state_dict() == {"epoch": 7, "dataset_size": 30, "batch_size": 4}
+
+
 # --------------------------------------------------------------------------------------------
 # PredictionBank
 
@@ -432,6 +489,133 @@ def test_bank_state_dict_round_trip():
         bank.store([3], torch.zeros(1, 1, 2, 2))  # both evict batch 1 next
         with pytest.raises(KeyError):
             bank.fetch([1], [True])
+
+
+@pytest.mark.parametrize(
+    "keys",
+    [
+        [1, 2.5],  # int() would make this key 2
+        [2.0],  # integral floats too: a float key is a mistake whatever its value
+        [True],  # would pass for key 1
+        [torch.tensor(1.5)],
+        np.array([0.0, 1.0]),
+        torch.tensor([0.0, 1.0]),
+        torch.tensor([True, False]),
+        torch.tensor([[0, 1]]),
+        "01",
+    ],
+)
+def test_keys_must_be_integers_for_every_call_that_takes_them(keys):
+    bank = PredictionBank(2)
+    bank.store([0, 1], torch.zeros(2, 1, 2, 2))
+    schedule = fixed_distance(1)
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    distill = ReplayDistillation(schedule, optimizer, ReplayBatchSampler(8, 2, schedule))
+    count = len(keys)
+    calls = [
+        lambda: bank.store(keys, torch.zeros(count, 1, 2, 2)),
+        lambda: bank.fetch(keys, [True] * count),
+        lambda: bank.discard(keys),
+        lambda: distill.fetch_teacher(keys=keys, replayed=[False] * count),
+        lambda: distill.store_predictions(torch.zeros(count, 1, 2, 2), keys=keys, replayed=[False] * count),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match=r"^keys must be .*got "):
+            call()
+    assert bank.stored_batches == 1 and len(bank) == 2 and len(distill.bank) == 0
+
+
+def test_integer_keys_of_any_integer_type_are_accepted():
+    bank = PredictionBank(2)
+    bank.store([np.int64(3), torch.tensor(4)], torch.zeros(2, 1))
+    bank.store(torch.tensor([5, 6], dtype=torch.int32), torch.ones(2, 1))
+    assert bank.fetch(np.array([3, 6]), [True, True])[0][:, 0].tolist() == [0.0, 1.0]
+
+
+def test_bank_discard_clear_and_row_shape():
+    bank = PredictionBank(4)
+    bank.store([1, 2], torch.zeros(2, 1, 2, 2))
+    bank.store([3], torch.ones(1, 1, 2, 2))
+    bank.discard([1, 99])  # a key not held is passed over
+    assert len(bank) == 2
+    with pytest.raises(KeyError, match="key 1 .*discarded"):
+        bank.fetch([1], [True])
+    bank.discard([2])  # the first batch's last key: its memory goes with it
+    assert bank.state_dict()["batch_numbers"] == [1]
+    with pytest.raises(ValueError, match=r"heatmaps must be \(1, 1, 2, 2\) like those held, got \(1, 1, 3, 3\)"):
+        bank.store([4], torch.zeros(1, 1, 3, 3))
+    bank.store([], torch.zeros(0, 1, 2, 2))  # a batch with nothing to keep still counts
+    assert bank.stored_batches == 3
+    bank.clear()
+    assert len(bank) == 0 and bank.stored_batches == 3
+    bank.store([4], torch.zeros(1, 1, 3, 3))  # an empty bank takes any shape
+
+
+def test_bank_state_dict_holds_only_what_is_held():
+    bank = PredictionBank(3)
+    bank.store([1, 2, 3], torch.arange(3.0).view(3, 1))
+    bank.store([2], torch.full((1, 1), 9.0))  # replaces 2
+    bank.discard([3])
+    state = round_trip(bank.state_dict())
+    assert state["batch_numbers"] == [0, 1] and state["keys"] == [[1], [2]]
+    assert [heatmaps[:, 0].tolist() for heatmaps in state["heatmaps"]] == [[0.0], [9.0]]
+
+
+def valid_bank_state():
+    """Batches 1-3 of two keys each, (1, 2, 2) heatmaps; batch 0 was evicted."""
+    bank = PredictionBank(3)
+    for batch in range(4):
+        bank.store([10 * batch, 10 * batch + 1], torch.full((2, 1, 2, 2), float(batch)))
+    return bank.state_dict()
+
+
+def heatmaps_ending_with(last):
+    return lambda state: [*state["heatmaps"][:2], last]
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("keys", DELETE, r"state lacks 'keys'"),
+        ("heatmaps", lambda state: state["heatmaps"][:2], r"one entry per batch, got lengths \[3, 3, 2\]"),
+        ("heatmaps", "x", r"state\['heatmaps'\] must be a list"),
+        ("keys", [[10, 11], [20], [30, 31]],
+         r"state\['heatmaps'\]\[1\] must be a floating tensor with one row per key \(1 keys\)"),
+        ("heatmaps", heatmaps_ending_with(torch.zeros(2, 1, 3, 3)),
+         r"state\['heatmaps'\]\[2\] has rows of shape \(1, 3, 3\)"),
+        ("heatmaps", heatmaps_ending_with(torch.zeros(2, 1, 2, 2, dtype=torch.long)),
+         r"state\['heatmaps'\]\[2\] must be a floating tensor"),
+        ("keys", [[10, 11], [20.0, 21], [30, 31]], r"state\['keys'\]\[1\] must be integers, got 20.0"),
+        ("keys", [[10, 11], [20, 20], [30, 31]], r"state\['keys'\]\[1\] must be distinct"),
+        ("batch_numbers", [1, 3, 2], r"state\['batch_numbers'\] must increase"),
+        ("batch_numbers", [1, 2, 4], r"must increase and stay below stored_batches=4"),
+        ("batch_numbers", [-1, 2, 3], r"state\['batch_numbers'\]\[0\] must be an int >= 0"),
+        ("capacity_batches", 0, r"state\['capacity_batches'\] must be an int >= 1"),
+        ("stored_batches", -4, r"state\['stored_batches'\] must be an int >= 0"),
+    ],
+)
+def test_bank_load_state_dict_refuses_a_bad_state_and_changes_nothing(field, value, match):
+    state = valid_bank_state()
+    if value is DELETE:
+        del state[field]
+    else:
+        state[field] = value(state) if callable(value) else value
+    bank = PredictionBank(5)
+    bank.store([7], torch.ones(1, 1, 2, 2))
+    with pytest.raises(ValueError, match=match):
+        bank.load_state_dict(state)
+    assert (bank.capacity_batches, bank.stored_batches, len(bank)) == (5, 1, 1)
+    assert bank.fetch([7], [True])[0].eq(1).all()
+
+
+def test_bank_loads_a_state_where_a_later_batch_holds_a_key_again():
+    # Before entries were dropped on replacement, a state could hold a key in two batches; the
+    # later one is the live entry.
+    state = {"capacity_batches": 3, "stored_batches": 2, "batch_numbers": [0, 1], "keys": [[4, 5], [5]],
+             "heatmaps": [torch.zeros(2, 1, dtype=torch.float16), torch.ones(1, 1, dtype=torch.float16)]}
+    bank = PredictionBank(1)
+    bank.load_state_dict(state)
+    assert len(bank) == 2 and bank.fetch([4, 5], [True, True])[0][:, 0].tolist() == [0.0, 1.0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -713,6 +897,142 @@ def test_distillation_state_dict_round_trip(mode):
     expected, got = teacher_for(original, batches[3]), teacher_for(restored, batches[3])
     assert expected[0] is not None
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+def two_group_optimizer(lr0=0.1, lr1=0.1):
+    return torch.optim.SGD([{"params": [nn.Parameter(torch.zeros(1))], "lr": lr0},
+                            {"params": [nn.Parameter(torch.zeros(1))], "lr": lr1}])
+
+
+def both_distillations(optimizer):
+    schedule = SteppingSchedule()
+    yield ReplayDistillation(schedule, optimizer, ReplayBatchSampler(8, 2, schedule))
+    yield SnapshotDistillation(SteppingSchedule(), optimizer, nn.Linear(1, 1))
+
+
+@pytest.mark.parametrize("bad_lr", [math.nan, math.inf, -0.01])
+def test_every_param_groups_lr_is_checked(bad_lr):
+    # max(0.1, nan) is 0.1: a NaN in a group other than the first would go unnoticed.
+    schedule = SteppingSchedule()
+    with pytest.raises(ValueError, match=r"optimizer.param_groups\[1\]\['lr'\] must be a finite number >= 0"):
+        ReplayDistillation(schedule, two_group_optimizer(lr1=bad_lr), ReplayBatchSampler(8, 2, schedule))
+    optimizer = two_group_optimizer()
+    for distill in both_distillations(optimizer):
+        optimizer.param_groups[1]["lr"] = bad_lr
+        with pytest.raises(ValueError, match=r"param_groups\[1\]\['lr'\] must be a finite number >= 0, got"):
+            distill.after_step()
+        assert distill.schedule.steps == 0  # nothing observed
+        optimizer.param_groups[1]["lr"] = 0.0  # a frozen group is fine
+        distill.after_step()
+        assert distill.schedule.steps == 1 and distill.schedule.reference_lr == 0.1
+
+
+def test_distillation_load_state_dict_is_all_or_nothing():
+    torch.manual_seed(0)
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    source = replay_distillation(SteppingSchedule(), optimizer, 16, 4)
+    batches = list(source.batch_sampler)
+    for lr, batch in zip([1.0, 0.4, 0.1], batches):
+        keys, replayed = [index for index, _, _ in batch], [flag for _, _, flag in batch]
+        source.fetch_teacher(keys=keys, replayed=replayed)
+        source.store_predictions(torch.rand(4, 1, 2, 2), keys=keys, replayed=replayed)
+        optimizer.param_groups[0]["lr"] = lr
+        source.after_step()
+    good = source.state_dict()
+    assert len(source.bank) and source.schedule.stepping_events == 2
+
+    target = replay_distillation(SteppingSchedule(), optimizer, 16, 4)
+    target.batch_sampler.set_epoch(4)
+    before = target.state_dict()
+    bad_bank = {**good["bank"], "keys": good["bank"]["keys"][:-1]}
+    for state, match in [
+        ({**good, "bank": bad_bank}, r"state\['bank'\]: batch_numbers, keys and heatmaps must have one entry"),
+        ({**good, "sampler": {**good["sampler"], "dataset_size": 17}}, r"state\['sampler'\]\['dataset_size'\] is 17"),
+        ({"schedule": good["schedule"], "bank": good["bank"]}, r"state lacks 'sampler'"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            target.load_state_dict(state)
+        assert target.state_dict() == before  # the schedule, checked first, was not loaded either
+
+    model = nn.Linear(2, 1)
+    snapshot = SnapshotDistillation(SteppingSchedule(), optimizer, model)
+    before_schedule, weights = snapshot.schedule.state_dict(), model.weight.detach().clone()
+    other = SnapshotDistillation(SteppingSchedule(), optimizer, nn.Linear(3, 1))
+    bad = {"schedule": good["schedule"], "snapshot": other.snapshot.state_dict()}
+    with pytest.raises(ValueError, match=r"\['snapshot'\]\['model'\]\['weight'\] must have shape \(1, 2\), got \(1, 3"):
+        snapshot.load_state_dict(bad)
+    bad = {"schedule": good["schedule"], "snapshot": {**snapshot.snapshot.state_dict(), "copy_step": 5}}
+    with pytest.raises(ValueError, match=r"state\['snapshot'\]\['copy_step'\] must not exceed"):
+        snapshot.load_state_dict(bad)
+    assert snapshot.schedule.state_dict() == before_schedule
+    assert torch.equal(snapshot.snapshot.model.weight, weights)
+
+
+def run_replay(distill, optimizer, epochs):
+    """Train-loop stand-in; the predictions are random but seeded, so a resumed run must reproduce
+    the teachers of an uninterrupted one."""
+    generator = torch.Generator().manual_seed(1234)
+    teachers = []
+    for epoch in epochs:
+        distill.batch_sampler.set_epoch(epoch)
+        for batch in distill.batch_sampler:
+            keys = torch.tensor([index for index, _, _ in batch])
+            replayed = torch.tensor([flag for _, _, flag in batch])
+            teachers.append(distill.fetch_teacher(keys=keys, replayed=replayed))
+            distill.store_predictions(torch.rand(len(batch), 1, 2, 2, generator=generator), keys=keys,
+                                      replayed=replayed)
+            optimizer.step()
+            distill.after_step()
+    return teachers
+
+
+def test_replay_bank_holds_only_the_pending_replays_over_a_long_run():
+    # 30 epochs, lr drops at 10 and 20 (distance 1, 2, 4). The bank used to keep every fresh
+    # sample for `distance` batches, across epoch boundaries: up to 64 keys for at most 32 pending.
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    lr_scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[10, 20], gamma=0.1)
+    schedule = SteppingSchedule(distance0=1, step_factor=2)
+    distill = replay_distillation(schedule, optimizer, 200, 16)
+    sampler = distill.batch_sampler
+    largest, replays = 0, 0
+    for epoch in range(30):
+        sampler.set_epoch(epoch)
+        pending = {}  # key -> iteration of its replay, as the sampler's docstring schedules it
+        for iteration, batch in enumerate(sampler):
+            keys = torch.tensor([index for index, _, _ in batch])
+            replayed = torch.tensor([flag for _, _, flag in batch])
+            distill.fetch_teacher(keys=keys, replayed=replayed)
+            distill.store_predictions(torch.rand(len(batch), 1, 2, 2), keys=keys, replayed=replayed)
+            for index in keys[replayed].tolist():
+                assert pending.pop(index) == iteration
+            for index in keys[~replayed].tolist()[: sampler.replays_per_batch]:
+                pending[index] = iteration + schedule.distance  # the distance the sampler read for the batch
+            assert len(distill.bank) <= len(pending)
+            largest, replays = max(largest, len(distill.bank)), replays + int(replayed.sum())
+            optimizer.step()
+            distill.after_step()
+        lr_scheduler.step()
+    assert schedule.distance == 4 and replays > 2000
+    assert largest == 4 * sampler.replays_per_batch  # the last distance's worth of scheduled samples
+
+
+def test_replay_resumed_at_an_epoch_boundary_continues_identically():
+    def build():
+        optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+        return replay_distillation(SteppingSchedule(distance0=3, alpha=0.5), optimizer, 40, 4), optimizer
+
+    original, optimizer = build()
+    run_replay(original, optimizer, [0])
+    checkpoint = round_trip(original.state_dict())
+    assert len(original.bank)  # the replays the end of the epoch cancelled are still held here
+    restored, restored_optimizer = build()
+    restored.load_state_dict(checkpoint)
+    expected = run_replay(original, optimizer, [1, 2])
+    got = run_replay(restored, restored_optimizer, [1, 2])
+    assert len(got) == len(expected) and any(teacher is not None for teacher, _ in got)
+    for (teacher, alpha), (expected_teacher, expected_alpha) in zip(got, expected):
+        assert torch.equal(alpha, expected_alpha)
+        assert (teacher is None and expected_teacher is None) or torch.equal(teacher, expected_teacher)
 
 
 # --------------------------------------------------------------------------------------------

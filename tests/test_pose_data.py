@@ -216,3 +216,55 @@ def test_a_flipped_crop_swaps_left_and_right():
     peak = lambda maps: np.stack(np.unravel_index(maps.reshape(17, -1).argmax(1), maps.shape[1:]), 1)  # noqa: E731
     # The crop is mirrored about its centre; heatmap columns may shift by a pixel at the centre line.
     assert np.abs(peak(mirrored)[labelled] - peak(plain["target"].numpy())[labelled]).max() <= 1
+
+
+def _edited(tmp_path, annotation_file, edit, name="edited.json"):
+    data = json.loads(annotation_file.read_text())
+    edit(data)
+    path = tmp_path / name
+    path.write_text(json.dumps(data))  # json writes NaN as NaN, which json (and COCO tools) read back
+    return path
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda data: data["images"][0].pop("id"), r"edited.json, image 0 lacks 'id'"),
+        (lambda data: data["images"][1].update(width="256"), r"edited.json, image \d+: width must be int or float, got '256'"),
+        (lambda data: data["images"][1].update(height=0), r"edited.json, image \d+: height must be a finite number > 0, got 0"),
+        (lambda data: data["annotations"][2].pop("bbox"), r"edited.json, annotation \d+ lacks 'bbox'"),
+        (lambda data: data["annotations"][2]["bbox"].pop(), r"edited.json, annotation \d+: bbox must be 4 finite numbers"),
+        (lambda data: data["annotations"][3]["keypoints"].__setitem__(4, float("nan")),
+         r"edited.json, annotation \d+: keypoints\[4\] must be a finite number, got nan"),
+        (lambda data: data["annotations"][0].pop("id"), r"edited.json, annotation number 0 lacks 'id'"),
+        (lambda data: data["annotations"][1]["keypoints"].__setitem__(2, -1), r"annotation \d+ has a negative visibility"),
+    ],
+    ids=["image-without-id", "width-as-text", "zero-height", "annotation-without-bbox", "short-bbox", "nan-keypoint",
+         "annotation-without-id", "negative-visibility"],
+)
+def test_a_malformed_coco_record_is_named_in_the_error(tmp_path, synthetic, edit, message):
+    image_dir, annotation_file = synthetic["train"]
+    with pytest.raises(ValueError, match=message):
+        datasets.coco_records(str(_edited(tmp_path, annotation_file, edit)), str(image_dir))
+
+
+def test_a_malformed_detection_or_mpii_record_is_named_in_the_error(tmp_path, synthetic):
+    image_dir, annotation_file = synthetic["val"]
+    image_id = json.loads(annotation_file.read_text())["images"][0]["id"]
+    detections = tmp_path / "detections.json"
+    detections.write_text(json.dumps([{"image_id": image_id, "category_id": 1, "bbox": [1, 2, 30, 40], "score": 0.9},
+                                      {"image_id": image_id, "category_id": 1, "bbox": [1, 2, 30, 40]}]))
+    with pytest.raises(ValueError, match=r"detections.json, detection 1 lacks 'score'"):
+        datasets.coco_records(str(annotation_file), str(image_dir), detections=str(detections))
+
+    file_name = json.loads(annotation_file.read_text())["images"][0]["file_name"]
+    record = {"image": file_name, "center": [40.0, 50.0], "scale": 0.5, "joints": [[10.0, 10.0]] * 16,
+              "joints_vis": [1] * 16}
+    for bad, message in [({"scale": "0.5"}, r"record 1: scale must be int or float, got '0.5'"),
+                         ({"center": [40.0]}, r"record 1: center must be 2 finite numbers"),
+                         ({"joints": [[float("nan"), 1.0]] * 16}, r"record 1: joints and joints_vis must be finite"),
+                         ({"joints_vis": [-1] * 16}, r"record 1 has a negative joints_vis")]:
+        mpii = tmp_path / "mpii.json"
+        mpii.write_text(json.dumps([record, {**record, **bad}]))
+        with pytest.raises(ValueError, match=message):
+            datasets.mpii_records(str(mpii), str(image_dir))

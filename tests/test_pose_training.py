@@ -79,7 +79,7 @@ def test_the_gradient_term_switches_on_at_grad_start_epoch():
         criterion.set_epoch(epoch)
         seen.append(criterion.criterion.grad_weight)
     assert seen == [0.0, 0.0, 0.0, 2.0, 2.0]
-    with pytest.raises(ValueError, match="grad_start_epoch must be >= 0, got -1"):
+    with pytest.raises(ValueError, match="grad_start_epoch must be an integer >= 0, got -1"):
         load_config(None, {"grad_start_epoch": -1})
     with pytest.raises(ValueError, match=r"gradient_form must be one of \['components', 'magnitude'\]"):
         load_config(None, {"gradient_form": "norm"})

@@ -157,7 +157,8 @@ def test_msra_encode_peak_window_and_weights():
     heatmaps, weights = codec.encode(keypoints, visible)
     assert heatmaps.shape == (6, 64, 48) and heatmaps.dtype == np.float32
     assert weights.dtype == np.float32
-    np.testing.assert_array_equal(weights, [1, 0, 0, 0, 1, 0])
+    # The weight is the visibility itself, as HRNet's target_weight (COCO's 2 is clipped by the loaders).
+    np.testing.assert_array_equal(weights, [2, 0, 0, 0, 1, 0])
 
     assert heatmaps[0, 25, 13] == 1.0 and heatmaps[0].max() == 1.0
     np.testing.assert_allclose(heatmaps[0, 25, 14], math.exp(-1 / 8), rtol=1e-6)
@@ -232,13 +233,14 @@ def test_decode_leaves_non_positive_and_border_maxima():
     heatmaps[0, 2, 4, 2] = 0.5
     heatmaps[0, 2, 5, 1] = 0.3
     coords, scores = decode(heatmaps, refine="dark")
-    np.testing.assert_array_equal(coords[0, :2], [[5.0, 7.0], [0.0, 0.0]])
+    # A maximum <= 0 puts the location at (0, 0), as HRNet's get_max_preds; the score stays the maximum.
+    np.testing.assert_array_equal(coords[0, :2], [[0.0, 0.0], [0.0, 0.0]])
     np.testing.assert_array_equal(scores[0], [-1.0, 0.0, 1.0])
     np.testing.assert_array_equal(coords[0, 2], [1.0, 4.0])  # DARK needs 2 px on every side
     coords, _ = decode(heatmaps, refine="argmax")
-    np.testing.assert_array_equal(coords[0, :2], [[5.0, 7.0], [0.0, 0.0]])
-    # x: right neighbour 0.5 > left -5; y: below 0.3 > above -5.
-    np.testing.assert_array_equal(coords[0, 2], [1.25, 4.25])
+    np.testing.assert_array_equal(coords[0, :2], [[0.0, 0.0], [0.0, 0.0]])
+    # HRNet shifts only where 1 < x < W - 1 and 1 < y < H - 1: x = 1 leaves both axes unshifted.
+    np.testing.assert_array_equal(coords[0, 2], [1.0, 4.0])
 
 
 def test_heatmap_to_image_centres():

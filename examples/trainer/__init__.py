@@ -17,12 +17,12 @@ Under torchrun the trainer runs DistributedDataParallel (gloo on CPU, nccl on GP
 trains on its shard, the validation predictions are gathered on rank 0, and rank 0 alone logs,
 plots and writes checkpoints.
 
-Modules: config (TrainConfig, load_config), data (the split, codec, datasets, Batch, loaders),
+Modules: config (TrainConfig, load_config, ConfigError), data (the split, codec, datasets, Batch, loaders),
 loss (PoseLoss), evaluate (validation metrics), checkpoints (RunState, atomic saves, RNG state),
 distributed (device, rank, collectives), loop (the build functions and the Trainer), plots.
 """
 
-from .config import LOSSES, TrainConfig, load_config
-from .loop import Trainer
+from .config import LOSSES, ConfigError, TrainConfig, load_config
+from .loop import Trainer, TrainingDiverged
 
-__all__ = ["LOSSES", "TrainConfig", "Trainer", "load_config"]
+__all__ = ["LOSSES", "ConfigError", "TrainConfig", "Trainer", "TrainingDiverged", "load_config"]

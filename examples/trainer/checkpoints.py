@@ -3,6 +3,7 @@ that a kill mid-write never leaves a half-written last.pt, and holding only tens
 strings, lists and dicts, so that resuming reads them with torch.load(weights_only=True) and a
 checkpoint from elsewhere cannot run code."""
 
+import json
 import os
 import random
 from dataclasses import dataclass
@@ -24,9 +25,25 @@ class RunState:
 
 
 def save_atomically(state: dict, path: Path) -> None:
+    """`state` to `path` through a temporary file and a rename; an interrupted write (an
+    exception, Ctrl-C) removes the temporary file and leaves `path` as it was."""
     temporary = path.with_name(path.name + ".tmp")
-    torch.save(state, temporary)
-    os.replace(temporary, path)
+    try:
+        torch.save(state, temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def check_output_folder(out: Path) -> None:
+    """Raises NotADirectoryError or IsADirectoryError, before any work, when a run's outputs
+    could not be written to `out`."""
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"out {out} exists and is not a folder")
+    for name in ("last.pt", "best.pt", "metrics.json", "config.yaml", "log.jsonl", "curves.png", "predictions.png"):
+        if (out / name).is_dir():
+            raise IsADirectoryError(f"{out / name} is a folder; the run writes a file there")
 
 
 def rng_state() -> dict[str, Any]:
@@ -46,6 +63,21 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def load_checkpoint(path: str, device: torch.device) -> dict[str, Any]:
     """A checkpoint's contents, read without running any code it might hold (weights_only)."""
     return torch.load(path, map_location=device, weights_only=True)
+
+
+def truncate_log(path: Path, last_step: int) -> int:
+    """Drops the records after optimizer step `last_step` from a run's log.jsonl (those of an
+    epoch that was interrupted before its checkpoint), so that a resumed run does not log
+    the same steps twice. Returns the number of records dropped."""
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= last_step]
+    if len(kept) != len(lines):
+        temporary = path.with_name(path.name + ".tmp")
+        temporary.write_text("".join(kept))
+        os.replace(temporary, path)
+    return len(lines) - len(kept)
 
 
 def seed_everything(seed: int) -> None:

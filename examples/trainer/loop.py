@@ -22,8 +22,17 @@ from hgloss.distill import (
 from hgloss.pose import evaluation, models
 
 from . import distributed
-from .checkpoints import RunState, load_checkpoint, rng_state, save_atomically, seed_everything, set_rng_state
-from .config import TrainConfig
+from .checkpoints import (
+    RunState,
+    check_output_folder,
+    load_checkpoint,
+    rng_state,
+    save_atomically,
+    seed_everything,
+    set_rng_state,
+    truncate_log,
+)
+from .config import RESUMABLE_CHANGES, ConfigError, TrainConfig
 from .data import DataSplit, build_codec, build_datasets, build_loaders, load_split
 from .evaluate import evaluate, headline_metric
 from .loss import PoseLoss
@@ -78,6 +87,38 @@ def build_distillation(config: TrainConfig, optimizer, student: nn.Module, datas
             SeededBatchSampler(dataset_size, config.batch_size, seed=config.seed))
 
 
+class TrainingDiverged(RuntimeError):
+    """The model's heatmaps or the loss stopped being finite; the message says where, and which
+    checkpoint holds the last good state."""
+
+
+def read_resume_checkpoint(config: TrainConfig, resume: str | None, device: torch.device) -> dict | None:
+    """The checkpoint to continue from, checked against `config`, or None for a fresh start.
+
+    `resume="auto"` takes <out>/last.pt and starts fresh (saying so) when there is none, so a
+    restart loop can always pass it; a path must exist. The checkpoint is read with
+    weights_only (it cannot run code), and its settings must equal `config`'s except those in
+    RESUMABLE_CHANGES: a run resumed with another batch size or learning rate would be neither
+    the old experiment nor a new one. Raises FileNotFoundError or ConfigError."""
+    if not resume:
+        return None
+    path = Path(config.out) / "last.pt" if resume == "auto" else Path(resume)
+    if not path.is_file():
+        if resume == "auto":
+            _say(f"no checkpoint at {path}: starting a fresh run")
+            return None
+        raise FileNotFoundError(f"no checkpoint to resume from at {path}")
+    checkpoint = load_checkpoint(str(path), device)
+    saved, current = checkpoint["config"], dataclasses.asdict(config)
+    changed = [f"{name} {saved[name]!r} -> {current[name]!r}" for name in current
+               if name in saved and name not in RESUMABLE_CHANGES and saved[name] != current[name]]
+    if changed:
+        raise ConfigError(f"{path} was trained with other settings than these: {', '.join(changed)}; resume with "
+                          "the run's settings, or start a new run in another out folder")
+    checkpoint["path"] = str(path)
+    return checkpoint
+
+
 def _say(text: str) -> None:
     if distributed.rank() == 0:
         print(text, file=sys.stderr, flush=True)
@@ -88,13 +129,26 @@ def _say(text: str) -> None:
 
 
 class Trainer:
-    """Builds everything from a TrainConfig; `fit()` trains, evaluates and writes the outputs."""
+    """Builds everything from a TrainConfig; `fit()` trains, evaluates and writes the outputs.
+
+    Every setting, the output folder and the checkpoint to resume from are checked before any
+    data is generated or read. Resuming a run that has already trained `epochs` epochs builds
+    nothing: `fit()` says so and returns its last metrics, leaving its folder as it is.
+    """
 
     def __init__(self, config: TrainConfig, resume: str | None = None) -> None:
+        config.validate()
         self.config = config
+        self.out = Path(config.out)
+        check_output_folder(self.out)
         self.device = distributed.set_up(config)
         self.rank, self.world = distributed.rank(), distributed.world()
-        self.out = Path(config.out)
+        checkpoint = read_resume_checkpoint(config, resume, self.device)
+        self.state = RunState(**checkpoint["run"]) if checkpoint else RunState()
+        self.finished_metrics = checkpoint["metrics"] if self.state.next_epoch >= config.epochs else None
+        self.saved_epoch = self.state.next_epoch if checkpoint else None  # of <out>/last.pt, for messages
+        if self.finished_metrics is not None:
+            return
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
         seed_everything(config.seed)
@@ -111,9 +165,8 @@ class Trainer:
                                                                    len(self.train_set))
         self.train_loader, self.val_loader = build_loaders(config, self.train_set, self.val_set, self.batch_sampler,
                                                            self.world)
-        self.state = RunState()
-        if resume:
-            self._resume(resume)
+        if checkpoint:
+            self._resume(checkpoint)
 
     # -- checkpoints ------------------------------------------------------------------------------
 
@@ -126,12 +179,9 @@ class Trainer:
             "distillation": self.distillation.state_dict() if self.distillation else None, "rng": rng_state(),
         }  # fmt: skip
 
-    def _resume(self, path: str) -> None:
-        if path == "auto":
-            path = str(self.out / "last.pt")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no checkpoint to resume from at {path}")
-        checkpoint = load_checkpoint(path, self.device)
+    def _resume(self, checkpoint: dict) -> None:
+        """Continues from a checkpoint of read_resume_checkpoint: every state, and the log
+        truncated to the checkpoint's step."""
         self.model.load_state_dict(checkpoint["model"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
@@ -140,8 +190,16 @@ class Trainer:
         if self.distillation is not None:
             self.distillation.load_state_dict(checkpoint["distillation"])
         set_rng_state(checkpoint["rng"])
-        self.state = RunState(**checkpoint["run"])
-        _say(f"resumed from {path} after epoch {self.state.next_epoch}")
+        dropped = truncate_log(self.out / "log.jsonl", self.state.step) if self.rank == 0 else 0
+        _say(f"resumed from {checkpoint['path']} after epoch {self.state.next_epoch}"
+             + (f"; {dropped} log records of the interrupted epoch dropped" if dropped else ""))
+
+    def where_to_resume(self) -> str:
+        """A line for the user after an interruption: what is saved and how to continue."""
+        if self.saved_epoch is None:
+            return f"nothing was saved in {self.out} yet (a checkpoint is written after each epoch)"
+        return (f"{self.out / 'last.pt'} holds the run after epoch {self.saved_epoch}; continue with "
+                f"--out {self.out} --resume auto")
 
     # -- logging ----------------------------------------------------------------------------------
 
@@ -183,7 +241,9 @@ class Trainer:
                     teacher, alpha = self.distillation.fetch_teacher(inputs=batch.image, keys=batch.index,
                                                                      replayed=batch.replayed)
                 self.distillation.store_predictions(output, keys=batch.index, replayed=batch.replayed)
+            self._check_finite("the model's heatmaps are", [output], epoch, self.state.step + 1)
             loss = self.criterion(output, batch.target, batch.target_weight, teacher, alpha)
+            self._check_finite("the loss is", [loss], epoch, self.state.step + 1)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
@@ -201,10 +261,23 @@ class Trainer:
             self._log_step(epoch, losses[-1], lr, rate, output, batch.target)
         return losses
 
+    def _check_finite(self, what: str, tensors: list[torch.Tensor], epoch: int, step: int) -> None:
+        """Raises TrainingDiverged when `tensors` hold a NaN or an infinity. The checkpoints on
+        disk are of earlier epochs, checked the same way, and are kept."""
+        if not bool(torch.stack([torch.isfinite(tensor.detach()).all() for tensor in tensors]).all()):
+            raise TrainingDiverged(
+                f"the loss diverged at step {step} (epoch {epoch + 1}): {what} not finite; "
+                + self.where_to_resume().replace("continue with", "lower the learning rate, or continue with"))
+
     def fit(self) -> dict[str, float]:
         """Trains from the start (or the resumed epoch) to `epochs`, evaluating every
-        `eval_every` epochs and after the last; returns the last metrics."""
+        `eval_every` epochs and after the last; returns the last metrics. A run that has
+        trained `epochs` epochs already returns its metrics and writes nothing."""
         config = self.config
+        if self.finished_metrics is not None:
+            _say(f"the run in {self.out} has trained its {config.epochs} epochs; nothing to do (raise --epochs to "
+                 "train on)")
+            return self.finished_metrics
         if self.rank == 0:
             import yaml
 
@@ -214,12 +287,14 @@ class Trainer:
         metrics: dict[str, float] = {}
         for epoch in range(self.state.next_epoch, config.epochs):
             losses = self._train_epoch(epoch)
+            self._check_finite("the weights are", list(self.model.parameters()), epoch, self.state.step)
             self.scheduler.step()
             if (epoch + 1) % config.eval_every == 0 or epoch == config.epochs - 1:
                 metrics = self._evaluate(epoch, losses)
             self.state.next_epoch = epoch + 1
             if self.rank == 0:
                 save_atomically(self._checkpoint(metrics), self.out / "last.pt")
+                self.saved_epoch = epoch + 1
         if self.rank == 0:
             (self.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
             _say(f"metrics, plots, log and checkpoints are in {self.out.resolve()}")

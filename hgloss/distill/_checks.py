@@ -1,7 +1,8 @@
 """Argument checks shared by the self-distillation classes."""
 
 import math
-from collections.abc import Sequence
+import operator
+from collections.abc import Iterable, Mapping, Sequence
 from numbers import Integral, Real
 from typing import Any
 
@@ -31,15 +32,48 @@ def check_real(
     return float(value)
 
 
-def as_key_list(keys: torch.Tensor | Sequence[int]) -> list[int]:
+def check_fields(where: str, state: Any, fields: Sequence[str]) -> None:
+    """Refuse a state that is not a dict or lacks one of `fields`; `where` names it in the error."""
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{where} must be a dict, got {type(state).__name__}")
+    missing = [field for field in fields if field not in state]
+    if missing:
+        raise ValueError(f"{where} lacks {', '.join(repr(field) for field in missing)}")
+
+
+def _integer(value: Any) -> int | None:
+    """`value` as an int when it is an integer (an int, a NumPy integer, an integer 0-d tensor), else None."""
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        return None
+    try:
+        return operator.index(value)  # refuses floats, 2.0 included, instead of truncating them
+    except TypeError:
+        return None
+
+
+def as_key_list(keys: torch.Tensor | Sequence[int], name: str = "keys") -> list[int]:
+    """`keys` as a list of Python ints.
+
+    Only integers are keys: int() would turn 2.5 into 2, another sample's key, and a bool would
+    pass for the key 0 or 1. Integral floats such as 2.0 are refused as well, so that a float
+    tensor of sample indices is caught however its values happen to look.
+    """
     if isinstance(keys, torch.Tensor):
-        if keys.dim() != 1 or keys.is_floating_point() or keys.is_complex():
+        if keys.dim() != 1 or keys.dtype == torch.bool or keys.is_floating_point() or keys.is_complex():
             raise ValueError(
-                "keys must be a 1-D integer tensor or a sequence of ints, "
-                f"got {keys.dtype} of shape {tuple(keys.shape)}"
+                f"{name} must be a 1-D integer tensor or a sequence of ints, "
+                f"got a {keys.dtype} tensor of shape {tuple(keys.shape)}"
             )
         return keys.tolist()
-    return [int(key) for key in keys]
+    if isinstance(keys, (str, bytes)) or not isinstance(keys, Iterable):
+        raise ValueError(f"{name} must be a 1-D integer tensor or a sequence of ints, got {type(keys).__name__}")
+    key_list = []
+    for position, key in enumerate(keys):
+        index = _integer(key)
+        if index is None:
+            raise ValueError(f"{name} must be integers, got {key!r} ({type(key).__name__}) at position {position}")
+        key_list.append(index)
+    return key_list
 
 
 def as_flag_list(flags: torch.Tensor | Sequence[bool]) -> list[bool]:
@@ -53,4 +87,3 @@ def unwrap(model: nn.Module) -> nn.Module:
     if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         return model.module
     return model
-

@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from ._checks import check_int, check_real
+from ._checks import check_fields, check_int, check_real
 from .schedule import SteppingSchedule, check_schedule
 
 _Item = TypeVar("_Item")
@@ -103,10 +103,30 @@ class SeededBatchSampler:
         return math.ceil(self.shard_size / self.batch_size)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch}
+        """The epoch, and the dataset and batch sizes that the state is only valid for."""
+        return {"epoch": self.epoch, "dataset_size": self.dataset_size, "batch_size": self.batch_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.set_epoch(int(state["epoch"]))
+        """Restore a state_dict(); a state that does not fit raises ValueError and changes nothing."""
+        self._checked_load(state, "state")()
+
+    def _checked_load(self, state: Any, where: str) -> Callable[[], None]:
+        """Check `state` (named `where` in errors) and return the function that loads it; nothing
+        changes before that call, so a caller can check all the parts of its state first.
+
+        A state of another dataset size or batch size is refused: its epoch would draw other
+        batches, and replay keys would name other samples. States saved before the sizes were
+        recorded hold only the epoch and cannot be checked.
+        """
+        check_fields(where, state, ("epoch",))
+        epoch = check_int(f"{where}['epoch']", state["epoch"], 0)
+        for field in ("dataset_size", "batch_size"):
+            if field in state and check_int(f"{where}['{field}']", state[field], 1) != getattr(self, field):
+                raise ValueError(
+                    f"{where}['{field}'] is {state[field]}, but this sampler has {field}={getattr(self, field)}: "
+                    "the state is of another run"
+                )
+        return lambda: self.set_epoch(epoch)
 
 
 class ReplayBatchSampler(SeededBatchSampler):
@@ -129,8 +149,8 @@ class ReplayBatchSampler(SeededBatchSampler):
     back at the old distance, those drawn after it at the new one. The distance never decreases,
     so no two batches are due at the same iteration; after an increase from d to d', the
     d' - d batches that no earlier batch is due at are all fresh. Every sample thus comes back
-    exactly the distance that was in force when it was fresh, and the bank of ReplayDistillation,
-    which keeps the current distance's worth of batches, still holds its prediction.
+    exactly the distance that was in force when it was fresh, at most the current distance, so the
+    bank of ReplayDistillation, whose capacity is the current distance, still holds its prediction.
 
     Replays take batch slots: with ``replay_fraction`` f <= 0.5, an epoch has about 1 / (1 - f)
     times as many batches as plain batching (twice as many at the default 0.5).
@@ -140,12 +160,16 @@ class ReplayBatchSampler(SeededBatchSampler):
     averaging at most one half. The replayed count is capped at ``batch_size - 1`` so every
     batch draws at least one fresh sample.
 
-    Sharding is SeededBatchSampler's. Replays stay on the rank that drew them fresh. Ranks see the same distances (SteppingSchedule), so they yield the same number of
-    batches.
+    Sharding is SeededBatchSampler's. Replays stay on the rank that drew them fresh. Ranks see
+    the same distances (SteppingSchedule), so they yield the same number of batches.
 
     With DataLoader workers, batches are drawn a few iterations ahead of training (prefetching),
     so the distance read may lag the schedule by those iterations; replays remain consistent
     because they are scheduled from what was read.
+
+    ``passes`` counts the passes over the sampler begun in this process: each ``iter()`` is one,
+    counted when its first batch is drawn. Replays never cross a pass, so when a new pass begins,
+    ReplayDistillation drops what its bank holds for the previous one. It is not part of the state.
 
     Args:
         dataset_size, batch_size, shuffle, seed, num_replicas, rank, drop_last: as for
@@ -170,6 +194,7 @@ class ReplayBatchSampler(SeededBatchSampler):
         self.schedule = check_schedule(schedule)
         self.replay_fraction = check_real("replay_fraction", replay_fraction, 0.0, 1.0, high_open=True)
         self.replays_per_batch = min(math.floor(self.replay_fraction * self.batch_size + 0.5), self.batch_size - 1)
+        self.passes = 0
 
     def _compose(
         self, fresh: Sequence[_Item], distance: Callable[[], int]
@@ -191,6 +216,7 @@ class ReplayBatchSampler(SeededBatchSampler):
             iteration += 1
 
     def __iter__(self) -> Iterator[list[tuple[int, int, bool]]]:
+        self.passes += 1  # in the generator's body: counted when the first batch is drawn
         for batch_fresh, replays in self._compose(self._shard(), lambda: self.schedule.distance):
             yield [(index, aug_seed, False) for index, aug_seed in batch_fresh] + [
                 (index, aug_seed, True) for index, aug_seed in replays

@@ -2,10 +2,13 @@
 the blend alpha."""
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from numbers import Real
 from typing import Any
 
-from ._checks import check_int, check_real
+import torch
+
+from ._checks import check_fields, check_int, check_real
 
 
 class SteppingSchedule:
@@ -122,9 +125,34 @@ class SteppingSchedule:
         return {"steps": self.steps, "stepping_events": self.stepping_events, "reference_lr": self.reference_lr}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.steps = int(state["steps"])
-        self.stepping_events = int(state["stepping_events"])
-        self.reference_lr = None if state["reference_lr"] is None else float(state["reference_lr"])
+        """Restore a state_dict(); a state that does not fit raises ValueError and changes nothing."""
+        self._checked_load(state, "state")()
+
+    def _checked_load(self, state: Any, where: str) -> Callable[[], None]:
+        """Check `state` (named `where` in errors) and return the function that loads it; nothing
+        changes before that call, so a caller can check all the parts of its state first."""
+        check_fields(where, state, ("steps", "stepping_events", "reference_lr"))
+        steps = check_int(f"{where}['steps']", state["steps"], 0)
+        stepping_events = check_int(f"{where}['stepping_events']", state["stepping_events"], 0)
+        if stepping_events > steps:
+            raise ValueError(
+                f"{where}['stepping_events'] must not exceed {where}['steps'] ({steps}), since each event "
+                f"happens at an observed step; got {stepping_events}"
+            )
+        reference_lr = state["reference_lr"]
+        # The first observed lr becomes the reference, so it is None exactly while no step was observed.
+        if (reference_lr is None) != (steps == 0):
+            raise ValueError(
+                f"{where}['reference_lr'] must be None exactly when {where}['steps'] is 0, "
+                f"got {reference_lr!r} with {steps} steps"
+            )
+        if reference_lr is not None:
+            reference_lr = check_real(f"{where}['reference_lr']", reference_lr, 0.0, math.inf, high_open=True)
+
+        def load() -> None:
+            self.steps, self.stepping_events, self.reference_lr = steps, stepping_events, reference_lr
+
+        return load
 
 
 def check_schedule(schedule: Any) -> SteppingSchedule:
@@ -134,11 +162,29 @@ def check_schedule(schedule: Any) -> SteppingSchedule:
 
 
 def check_optimizer(optimizer: Any) -> Any:
+    """Refuse what is not an optimizer, and an optimizer with a bad learning rate in any group (at
+    construction, rather than at the end of the first step)."""
     if not hasattr(optimizer, "param_groups"):
         raise ValueError(f"optimizer must be a torch optimizer, got {type(optimizer).__name__}")
+    largest_lr(optimizer)
     return optimizer
 
 
 def largest_lr(optimizer: Any) -> float:
-    """The learning rate a schedule observes: the largest over the optimizer's param groups."""
-    return max(group["lr"] for group in optimizer.param_groups)
+    """The learning rate a schedule observes: the largest over the optimizer's param groups.
+
+    Every group's lr must be a finite number >= 0 (0 for a frozen group or the start of a warm-up).
+    Each is checked, not only the largest: max() passes over a NaN that is not first, so a
+    diverged second group would otherwise go unnoticed.
+    """
+    lrs = []
+    for index, group in enumerate(optimizer.param_groups):
+        lr = group.get("lr")
+        if isinstance(lr, torch.Tensor) and lr.numel() == 1:  # torch optimizers accept a tensor lr
+            lr = lr.item()
+        if isinstance(lr, bool) or not isinstance(lr, Real) or not math.isfinite(lr) or lr < 0:
+            raise ValueError(f"optimizer.param_groups[{index}]['lr'] must be a finite number >= 0, got {lr!r}")
+        lrs.append(float(lr))
+    if not lrs:
+        raise ValueError("optimizer has no param groups, so no learning rate to observe")
+    return max(lrs)

@@ -2,12 +2,13 @@
 `distance` optimizer steps, and SnapshotDistillation drives it from the schedule."""
 
 import copy
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from ._checks import unwrap
+from ._checks import check_fields, check_int, unwrap
 from .schedule import SteppingSchedule, check_optimizer, check_schedule, largest_lr
 
 
@@ -82,10 +83,38 @@ class SnapshotTeacher:
         return {"model": self.model.state_dict(), "steps": self.steps, "copy_step": self.copy_step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.steps = int(state["steps"])
-        self.copy_step = int(state["copy_step"])
+        """Restore a state_dict(); a state that does not fit raises ValueError and changes nothing."""
+        self._checked_load(state, "state")()
 
+    def _checked_load(self, state: Any, where: str) -> Callable[[], None]:
+        """Check `state` (named `where` in errors) and return the function that loads it; nothing
+        changes before that call, so a caller can check all the parts of its state first.
+
+        The copy's tensors are checked here by name and shape: Module.load_state_dict reports a
+        shape mismatch only after copying the tensors before it.
+        """
+        check_fields(where, state, ("model", "steps", "copy_step"))
+        model_state, own = state["model"], self.model.state_dict()
+        if not isinstance(model_state, Mapping):
+            raise ValueError(f"{where}['model'] must be a state dict, got {type(model_state).__name__}")
+        missing, unexpected = sorted(set(own) - set(model_state)), sorted(set(model_state) - set(own))
+        if missing or unexpected:
+            raise ValueError(f"{where}['model'] is of another model: missing {missing}, unexpected {unexpected}")
+        for name, tensor in own.items():
+            loaded = model_state[name]
+            if not isinstance(loaded, torch.Tensor) or loaded.shape != tensor.shape:
+                shape = tuple(loaded.shape) if isinstance(loaded, torch.Tensor) else type(loaded).__name__
+                raise ValueError(f"{where}['model'][{name!r}] must have shape {tuple(tensor.shape)}, got {shape}")
+        steps = check_int(f"{where}['steps']", state["steps"], 0)
+        copy_step = check_int(f"{where}['copy_step']", state["copy_step"], 0)
+        if copy_step > steps:
+            raise ValueError(f"{where}['copy_step'] must not exceed {where}['steps'] ({steps}), got {copy_step}")
+
+        def load() -> None:
+            self.model.load_state_dict(model_state)
+            self.steps, self.copy_step = steps, copy_step
+
+        return load
 
 
 class SnapshotDistillation:
@@ -132,7 +161,8 @@ class SnapshotDistillation:
         """Nothing to keep: the snapshot predicts its teacher afresh."""
 
     def after_step(self) -> None:
-        """Feed the learning rate to the schedule and count the step for the snapshot."""
+        """Feed the learning rate to the schedule (the largest over param groups, each checked) and
+        count the step for the snapshot."""
         self.schedule.observe_lr(largest_lr(self.optimizer))
         self.snapshot.after_step()
 
@@ -140,5 +170,10 @@ class SnapshotDistillation:
         return {"schedule": self.schedule.state_dict(), "snapshot": self.snapshot.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.schedule.load_state_dict(state["schedule"])
-        self.snapshot.load_state_dict(state["snapshot"])
+        """Restore a state_dict(); a state that does not fit raises ValueError naming the field, and
+        then neither the schedule nor the snapshot has changed."""
+        check_fields("state", state, ("schedule", "snapshot"))
+        loads = [self.schedule._checked_load(state["schedule"], "state['schedule']"),
+                 self.snapshot._checked_load(state["snapshot"], "state['snapshot']")]
+        for load in loads:
+            load()

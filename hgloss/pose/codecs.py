@@ -14,6 +14,9 @@ and the flip test built from one codec cannot disagree. Two codecs are offered:
 - :class:`UDPHeatmap`, unbiased data processing (Huang et al., CVPR 2020): the crop is scaled by
   ``(heatmap - 1) / (input - 1)`` and the Gaussian sits on the exact sub-pixel position, with
   :func:`~hgloss.pose.transforms.get_udp_transform`.
+
+Where hgloss follows HRNet, DarkPose, mmpose or OpenCV and where it departs from them, with the reason and
+the test that checks it, is listed in ``docs/pose-conventions.md``.
 """
 
 from collections.abc import Sequence
@@ -49,6 +52,17 @@ class _GaussianHeatmap:
     The Gaussian is ``exp(-((x - cx)^2 + (y - cy)^2) / (2 sigma^2))`` on the pixels within ``int(3 sigma)``
     of the rounded position ``mu = int(keypoint / stride + 0.5)`` (Python's ``int``, which truncates towards
     zero), clipped to the heatmap.
+
+    When ``3 sigma`` is an integer this is HRNet's and mmpose's window exactly. When it is not, hgloss departs
+    from them. They take the window ``[int(mu - 3 sigma), int(mu + 3 sigma + 1))``, which reaches one pixel
+    further up and left than down and right, and put the peak at its pixel ``floor(3 sigma + 0.5)`` (counted
+    from 0): inside the map that is on ``mu`` when the fraction of ``3 sigma`` is >= 0.5 (sigma 1.5) and one
+    pixel up or left of ``mu`` when it is < 0.5 (sigma 1.4); where ``mu - 3 sigma < 0`` the truncation towards
+    zero moves the window, and with it the peak, one pixel right or down. Their larger window also keeps the
+    weight where hgloss's misses the map: at ``mu = -(int(3 sigma) + 2)`` (a window ending at 0, nothing
+    painted) and at ``mu = size + int(3 sigma)`` (one faint column or row at the edge). hgloss keeps the
+    window symmetric about ``mu``, so the peak is always on ``mu`` (the fused-target kernels rely on a
+    symmetric window).
     """
 
     _minimum_size = 1
@@ -119,40 +133,48 @@ class _GaussianHeatmap:
         raise NotImplementedError
 
     def encode(self, keypoints: ArrayLike, visible: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
-        """Heatmap targets and target weights.
+        """Heatmap targets and target weights, with HRNet's rule for the visibility (``generate_target``).
 
         Args:
-            keypoints: (K, 2) keypoints (x, y) in input-crop pixels; only visible ones are read.
-            visible: (K,) visibility; a joint is encoded when its value is > 0.
+            keypoints: (K, 2) keypoints (x, y) in input-crop pixels; only joints with visibility > 0 are read.
+            visible: (K,) visibility, finite and >= 0; fractional values are allowed. As in HRNet the value
+                itself becomes the weight, so COCO's v = 2 ("labelled and visible") should be clipped to 1
+                first, as HRNet's loaders and :mod:`hgloss.pose.datasets` do.
 
         Returns:
-            heatmaps: (K, H, W) float32, zero for joints that are not encoded.
-            weights: (K,) float32, 1 for visible joints, 0 for the others and for visible joints whose
-            Gaussian window lies outside the heatmap by HRNet's rule (window start ``>= size`` or window end
-            ``< 0``, the end being exclusive; a window that ends exactly at 0 keeps weight 1 with a zero
-            map, as in HRNet).
+            heatmaps: (K, H, W) float32; a joint's Gaussian is painted only where its visibility is > 0.5.
+            weights: (K,) float32, the visibility, set to 0 where the Gaussian window lies outside the
+            heatmap by HRNet's rule (window start ``>= size`` or window end ``< 0``, the end being exclusive;
+            a window that ends exactly at 0 keeps its weight with a zero map, as in HRNet). A joint with
+            ``0 < visibility <= 0.5`` thus keeps its weight on an all-zero map, as in HRNet. (mmpose's
+            codecs skip joints with visibility ``< 0.5`` instead: they paint at exactly 0.5, and they leave
+            the weight of a skipped joint as it is even where its window is outside the heatmap.)
         """
         keypoints = np.asarray(keypoints, dtype=np.float64)
-        visible = np.asarray(visible)
+        visible = np.asarray(visible, dtype=np.float64)
         if keypoints.ndim != 2 or keypoints.shape[1] != 2:
             raise ValueError(f"keypoints must have shape (K, 2), got shape {keypoints.shape}")
         if visible.shape != (keypoints.shape[0],):
             raise ValueError(f"visible must have shape ({keypoints.shape[0]},), got shape {visible.shape}")
-        encoded = visible > 0
-        if not np.all(np.isfinite(keypoints[encoded])):
+        if not np.all(np.isfinite(visible) & (visible >= 0)):
+            raise ValueError(f"visible must be finite and >= 0, got {visible.tolist()}")
+        labelled = visible > 0
+        if not np.all(np.isfinite(keypoints[labelled])):
             raise ValueError("keypoints of visible joints must be finite")
 
         width, height = self.heatmap_size
         heatmaps = np.zeros((keypoints.shape[0], height, width), dtype=np.float32)
-        weights = encoded.astype(np.float32)
+        weights = visible.astype(np.float32)
         stride = self.stride
-        for joint in np.flatnonzero(encoded):
+        for joint in np.flatnonzero(labelled):
             scaled = keypoints[joint] / stride
             rounded = np.array([int(scaled[0] + 0.5), int(scaled[1] + 0.5)])
             start = rounded - self.radius
             end = rounded + self.radius + 1
             if start[0] >= width or start[1] >= height or end[0] < 0 or end[1] < 0:
                 weights[joint] = 0.0
+                continue
+            if visible[joint] <= 0.5:
                 continue
             peak = self._peak(scaled, rounded)
             xs = np.arange(max(start[0], 0), min(end[0], width))
@@ -169,7 +191,8 @@ class MSRAHeatmap(_GaussianHeatmap):
 
     stride = input_size / heatmap_size; the Gaussian of standard deviation ``sigma`` heatmap pixels peaks
     with value exactly 1 on the rounded position ``int(keypoint / stride + 0.5)``. A heatmap pixel ``h``
-    corresponds to input-crop pixel ``h * stride``.
+    corresponds to input-crop pixel ``h * stride``. Equal to HRNet's target and weight when ``3 sigma`` is an
+    integer (sigma 1, 2, 3, ...); otherwise the window departs as described in ``_GaussianHeatmap``.
     """
 
     _transform = staticmethod(get_affine_transform)
@@ -189,8 +212,10 @@ class UDPHeatmap(_GaussianHeatmap):
     """The unbiased (UDP) Gaussian heatmap target.
 
     stride = (input_size - 1) / (heatmap_size - 1), so that the first and last pixel centres of the input crop
-    and the heatmap coincide; the Gaussian peaks at the unrounded position ``keypoint / stride``. The window
-    and the weights follow the rounded position as in :class:`MSRAHeatmap`. Sizes must exceed 1.
+    and the heatmap coincide; the Gaussian peaks at the unrounded position ``keypoint / stride``. The window,
+    the weights and the visibility rule follow the rounded position as in :class:`MSRAHeatmap` (mmpose's
+    ``generate_udp_gaussian_heatmaps`` has the same window; its visibility rule differs as ``encode`` says).
+    Sizes must exceed 1.
     """
 
     _minimum_size = 2
@@ -218,15 +243,32 @@ def _heatmaps_as_numpy(name: str, heatmaps: np.ndarray | torch.Tensor) -> np.nda
     return array
 
 
-def _gaussian_blur(maps: np.ndarray, kernel: int) -> np.ndarray:
-    """(M, H, W) maps blurred by a separable kernel x kernel Gaussian, zeros outside the maps.
+# OpenCV's getGaussianKernel(ksize, sigma <= 0) takes these fixed taps for the small sizes (OpenCV 4's
+# getGaussianKernelBitExact; older releases had the tables up to 7 only and computed 9 from the formula).
+_OPENCV_SMALL_GAUSSIAN_TAPS = {
+    1: np.array([1.0]),
+    3: np.array([1.0, 2.0, 1.0]) / 4.0,
+    5: np.array([1.0, 4.0, 6.0, 4.0, 1.0]) / 16.0,
+    7: np.array([2.0, 7.0, 14.0, 18.0, 14.0, 7.0, 2.0]) / 64.0,
+    9: np.array([4.0, 13.0, 30.0, 51.0, 60.0, 51.0, 30.0, 13.0, 4.0]) / 256.0,
+}
 
-    sigma = 0.3 * ((kernel - 1) / 2 - 1) + 0.8, the value OpenCV derives from the kernel size (and DARK uses).
-    """
-    radius = (kernel - 1) // 2
+
+def _opencv_gaussian_taps(kernel: int) -> np.ndarray:
+    """(kernel,) the taps ``cv2.GaussianBlur(..., (kernel, kernel), 0)`` uses along each axis: OpenCV's fixed
+    tables for kernel <= 9, else the Gaussian of sigma = 0.3 * ((kernel - 1) / 2 - 1) + 0.8, normalised."""
+    if kernel in _OPENCV_SMALL_GAUSSIAN_TAPS:
+        return _OPENCV_SMALL_GAUSSIAN_TAPS[kernel]
     sigma = 0.3 * ((kernel - 1) * 0.5 - 1.0) + 0.8
-    taps = np.exp(-((np.arange(kernel) - radius) ** 2) / (2.0 * sigma**2))
-    taps /= taps.sum()
+    taps = np.exp(-((np.arange(kernel) - (kernel - 1) // 2) ** 2) / (2.0 * sigma**2))
+    return taps / taps.sum()
+
+
+def _gaussian_blur(maps: np.ndarray, kernel: int) -> np.ndarray:
+    """(M, H, W) maps blurred as DarkPose's ``gaussian_blur`` does before its rescaling: zeros outside the
+    maps, and OpenCV's separable taps for ``cv2.GaussianBlur(map, (kernel, kernel), 0)``."""
+    radius = (kernel - 1) // 2
+    taps = _opencv_gaussian_taps(kernel)
     _, height, width = maps.shape
     padded = np.pad(maps, ((0, 0), (radius, radius), (radius, radius)))
     along_x = sum(tap * padded[:, :, i : i + width] for i, tap in enumerate(taps))
@@ -234,24 +276,26 @@ def _gaussian_blur(maps: np.ndarray, kernel: int) -> np.ndarray:
 
 
 def _quarter_pixel_offsets(maps: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
-    """HRNet's refinement: 0.25 px towards the larger of the two neighbours along each axis (by the sign
-    of their difference), on the axes where the argmax has both neighbours. Returns (M, 2)."""
+    """HRNet's refinement (``get_final_preds``): 0.25 px along each axis towards the larger of the two
+    neighbours (by the sign of their difference, so none on a tie), only where the argmax satisfies HRNet's
+    ``1 < x < W - 1 and 1 < y < H - 1``, one test for both axes. Returns (M, 2)."""
     _, height, width = maps.shape
-    rows = np.arange(maps.shape[0])
     offsets = np.zeros((maps.shape[0], 2))
-    inside_x = (xs > 0) & (xs < width - 1)
-    r, x, y = rows[inside_x], xs[inside_x], ys[inside_x]
-    offsets[inside_x, 0] = 0.25 * np.sign(maps[r, y, x + 1] - maps[r, y, x - 1])
-    inside_y = (ys > 0) & (ys < height - 1)
-    r, x, y = rows[inside_y], xs[inside_y], ys[inside_y]
-    offsets[inside_y, 1] = 0.25 * np.sign(maps[r, y + 1, x] - maps[r, y - 1, x])
+    inside = (xs > 1) & (xs < width - 1) & (ys > 1) & (ys < height - 1)
+    r, x, y = np.arange(maps.shape[0])[inside], xs[inside], ys[inside]
+    offsets[inside, 0] = 0.25 * np.sign(maps[r, y, x + 1] - maps[r, y, x - 1])
+    offsets[inside, 1] = 0.25 * np.sign(maps[r, y + 1, x] - maps[r, y - 1, x])
     return offsets
 
 
 def _dark_offsets(maps: np.ndarray, xs: np.ndarray, ys: np.ndarray, kernel: int) -> np.ndarray:
-    """DARK's refinement (Zhang et al., CVPR 2020): one Newton step ``-H^-1 g`` on the log of the blurred
-    heatmap at its argmax, by central differences over +/-2 pixels. Argmaxes closer than 2 pixels to a border,
-    or with a singular Hessian, get no offset. Returns (M, 2)."""
+    """DARK's refinement (Zhang et al., CVPR 2020) as DarkPose's ``get_final_preds``: blur (``_gaussian_blur``),
+    rescale each map so that its blurred maximum equals its original maximum, floor at 1e-10, take the log, and
+    add one Newton step ``-H^-1 g`` by DarkPose's central differences (over +/-2 pixels for the second ones)
+    where the argmax satisfies ``1 < x < W - 2 and 1 < y < H - 2`` and the Hessian's determinant is not 0.
+
+    Departure: a map whose blurred maximum is <= 0 (possible only with negative values) gets no offset;
+    DarkPose divides by that maximum, which flips the map's sign or, at 0, makes it NaN. Returns (M, 2)."""
     offsets = np.zeros((maps.shape[0], 2))
     if maps.shape[0] == 0:
         return offsets
@@ -259,11 +303,12 @@ def _dark_offsets(maps: np.ndarray, xs: np.ndarray, ys: np.ndarray, kernel: int)
     blurred = _gaussian_blur(maps, kernel)
     original_max = maps.reshape(maps.shape[0], -1).max(axis=1)
     blurred_max = blurred.reshape(maps.shape[0], -1).max(axis=1)
+    rescalable = blurred_max > 0
     # The blur lowers the peak; restoring it keeps the same floor relative to the peak as the input had.
-    rescale = np.where(blurred_max > 0, original_max / np.where(blurred_max > 0, blurred_max, 1.0), 1.0)
+    rescale = original_max / np.where(rescalable, blurred_max, 1.0)
     log_maps = np.log(np.maximum(blurred * rescale[:, None, None], _LOG_FLOOR))
 
-    inside = (xs >= 2) & (xs <= width - 3) & (ys >= 2) & (ys <= height - 3)
+    inside = rescalable & (xs > 1) & (xs < width - 2) & (ys > 1) & (ys < height - 2)
     r, x, y = np.arange(maps.shape[0])[inside], xs[inside], ys[inside]
     centre = log_maps[r, y, x]
     dx = 0.5 * (log_maps[r, y, x + 1] - log_maps[r, y, x - 1])
@@ -286,15 +331,17 @@ def decode(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Keypoints and scores from heatmaps.
 
-    Each location starts at the heatmap's integer argmax and its score is the heatmap's maximum. Then
+    Each location starts at the heatmap's integer argmax (the first maximum in row-major order) and its score
+    is the heatmap's maximum. Where the maximum is <= 0 the location is (0, 0), unrefined, as HRNet's
+    ``get_max_preds`` sets it (mmpose's ``get_heatmap_maximum`` sets -1 instead). Then
 
-    - ``refine="argmax"``: HRNet's quarter-pixel shift towards the larger neighbour, per axis where both
-      neighbours exist;
-    - ``refine="dark"``: DARK's sub-pixel Newton step on the log of the heatmap blurred by a
-      ``kernel x kernel`` Gaussian (zeros beyond the border, peak rescaled to the original maximum), where the
-      argmax is at least 2 pixels from every border and the Hessian is invertible.
-
-    Joints whose maximum is <= 0 keep the integer argmax, unrefined.
+    - ``refine="argmax"``: HRNet's quarter-pixel shift towards the larger neighbour along each axis, only
+      where ``1 < x < W - 1 and 1 < y < H - 1`` (one test for both axes, as HRNet; mmpose's
+      ``refine_keypoints`` tests each axis on its own);
+    - ``refine="dark"``: DarkPose's sub-pixel Newton step on the log of the heatmap blurred as
+      ``cv2.GaussianBlur((kernel, kernel), 0)`` with zeros beyond the border and the peak rescaled to the
+      original maximum, where ``1 < x < W - 2 and 1 < y < H - 2`` and the Hessian is invertible (a map whose
+      blurred maximum is <= 0 stays unrefined, where DarkPose would divide by it).
 
     Args:
         heatmaps: (N, K, H, W) numpy array or torch tensor (read as float64).
@@ -321,9 +368,10 @@ def decode(
     maps = maps.reshape(batch * joints, height, width)
     flat_index = maps.reshape(batch * joints, -1).argmax(axis=1)
     scores = maps.reshape(batch * joints, -1)[np.arange(batch * joints), flat_index]
-    xs, ys = flat_index % width, flat_index // width
-    coords = np.stack([xs, ys], axis=1).astype(np.float64)
     positive = scores > 0
+    xs = np.where(positive, flat_index % width, 0)
+    ys = np.where(positive, flat_index // width, 0)
+    coords = np.stack([xs, ys], axis=1).astype(np.float64)
     if refine == "argmax":
         coords[positive] += _quarter_pixel_offsets(maps[positive], xs[positive], ys[positive])
     else:

@@ -16,6 +16,7 @@ self-distillation (hgloss.distill.ReplayBatchSampler) shows a sample again exact
 import contextlib
 import io
 import json
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -78,20 +79,64 @@ def _read_json(path: str, what: str):
         raise ValueError(f"{path} is not valid json: {error}") from None
 
 
+def _numbers(source: str, name: str, value, count: int | None = None, positive: bool = False) -> np.ndarray:
+    """`value` (a number, or a list of `count` numbers when count is given) as finite float64
+    numbers, or a ValueError naming the record, the field and the bad entry. json reads NaN and
+    Infinity, and a quoted "256", without complaint."""
+    items = value if isinstance(value, list) else [value]
+    if count is not None and len(items) != count:
+        raise ValueError(f"{source}: {name} must be {count} finite numbers, got {value!r}")
+    for index, item in enumerate(items):
+        if isinstance(item, bool) or not isinstance(item, (int, float)) or not math.isfinite(item) or (
+            positive and item <= 0
+        ):
+            entry = f"{name}[{index}]" if isinstance(value, list) else name
+            raise ValueError(f"{source}: {entry} must be a finite number{' > 0' if positive else ''}, got {item!r}")
+    return np.asarray(items, dtype=np.float64)
+
+
+def _field(source: str, record, name: str, kind: type | tuple[type, ...]):
+    """record[name] when the record is a dict holding a value of `kind`; else a ValueError
+    naming the record and the field."""
+    if not isinstance(record, dict) or name not in record:
+        raise ValueError(f"{source} lacks {name!r}")
+    value = record[name]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        raise ValueError(f"{source}: {name} must be {' or '.join(k.__name__ for k in kinds)}, got {value!r}")
+    return value
+
+
+def _check_coco_records(annotation_file: str, data: dict) -> None:
+    """Every image and annotation field the loaders read, checked with the record named, so that
+    a bad file gives one clear error instead of a KeyError deep in pycocotools or numpy."""
+    image_ids = set()
+    for number, image in enumerate(data["images"]):
+        source = f"{annotation_file}, image {number}"
+        image_ids.add(_field(source, image, "id", int))
+        source = f"{annotation_file}, image {image['id']}"
+        _field(source, image, "file_name", str)
+        for name in ("width", "height"):
+            _numbers(source, name, _field(source, image, name, (int, float)), positive=True)
+    for number, annotation in enumerate(data["annotations"]):
+        named = isinstance(annotation, dict) and isinstance(annotation.get("id"), int)
+        source = f"{annotation_file}, annotation {annotation['id'] if named else f'number {number}'}"
+        _field(source, annotation, "id", int)
+        _field(source, annotation, "image_id", int)
+        _numbers(source, "bbox", _field(source, annotation, "bbox", list), count=4)
+        _numbers(source, "keypoints", _field(source, annotation, "keypoints", list))
+        if annotation["image_id"] not in image_ids:
+            raise ValueError(f"{source} refers to image {annotation['image_id']}, which the file does not list")
+
+
 def _load_coco(annotation_file: str):
-    """A pycocotools COCO object, with unreadable files reported by name."""
+    """A pycocotools COCO object, with unreadable files and bad records reported by name."""
     from pycocotools.coco import COCO
 
     data = _read_json(annotation_file, "annotation file")
     if not isinstance(data, dict) or not {"images", "annotations", "categories"} <= data.keys():
         raise ValueError(f"{annotation_file} is not a COCO annotation file (needs images, annotations, categories)")
-    image_ids = {image["id"] for image in data["images"]}
-    for annotation in data["annotations"]:
-        if annotation.get("image_id") not in image_ids:
-            raise ValueError(
-                f"{annotation_file}: annotation {annotation.get('id')} refers to image {annotation.get('image_id')}, "
-                "which the file does not list"
-            )
+    _check_coco_records(annotation_file, data)
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):
@@ -126,8 +171,10 @@ def coco_records(
         results = _read_json(detections, "detection file")
         for number, detection in enumerate(results):
             source = f"{detections}, detection {number}"
-            if not {"image_id", "bbox", "score", "category_id"} <= detection.keys():
-                raise ValueError(f"{source} lacks image_id, bbox, score or category_id")
+            _field(source, detection, "image_id", int)
+            _field(source, detection, "category_id", int)
+            _numbers(source, "bbox", _field(source, detection, "bbox", list), count=4)
+            _numbers(source, "score", _field(source, detection, "score", (int, float)))
             if detection["category_id"] != 1:
                 report.drop("detections of another category")
                 continue
@@ -158,6 +205,8 @@ def coco_records(
                 report.drop("crowd annotations")
                 continue
             joints = np.asarray(keypoints, dtype=np.float32).reshape(num_joints, 3)
+            if joints[:, 2].min() < 0:
+                raise ValueError(f"{source} has a negative visibility: {joints[:, 2].tolist()}")
             if joints[:, 2].max() <= 0:
                 report.drop("persons with no labelled joint")
                 continue
@@ -188,8 +237,10 @@ def mpii_records(annotation_file: str, image_dir: str, num_joints: int = 16) -> 
     records = []
     for number, item in enumerate(items):
         source = f"{annotation_file}, record {number}"
-        if not {"image", "center", "scale"} <= item.keys():
-            raise ValueError(f"{source} lacks image, center or scale")
+        _field(source, item, "image", str)
+        center = _numbers(source, "center", _field(source, item, "center", list), count=2).astype(np.float32)
+        scale = np.full(2, _numbers(source, "scale", _field(source, item, "scale", (int, float)), positive=True)[0],
+                        dtype=np.float32)
         joints = np.asarray(item.get("joints", np.zeros((num_joints, 2))), dtype=np.float32)
         visible = np.asarray(item.get("joints_vis", np.zeros(num_joints)), dtype=np.float32)
         if joints.shape != (num_joints, 2) or visible.shape != (num_joints,):
@@ -197,8 +248,10 @@ def mpii_records(annotation_file: str, image_dir: str, num_joints: int = 16) -> 
                 f"{source} has joints {joints.shape} and joints_vis {visible.shape}, expected ({num_joints}, 2) "
                 f"and ({num_joints},)"
             )
-        center = np.asarray(item["center"], dtype=np.float32)
-        scale = np.full(2, float(item["scale"]), dtype=np.float32)
+        if not (np.all(np.isfinite(joints)) and np.all(np.isfinite(visible))):
+            raise ValueError(f"{source}: joints and joints_vis must be finite numbers")
+        if visible.min(initial=0.0) < 0:
+            raise ValueError(f"{source} has a negative joints_vis: {visible.tolist()}")
         if center[0] != -1:
             center[1] += 15 * scale[1]
             scale *= 1.25

@@ -7,6 +7,9 @@ OKS-NMS, and ``evaluate_coco`` scores them with pycocotools' COCOeval.
 
 MPII: ``pckh`` with head sizes from ``head_sizes_from_boxes`` and ``load_mpii_head_boxes``.
 
+Training accuracy: ``heatmap_pck``, hgloss's normalisation by default or HRNet's ``accuracy`` exactly.
+Where hgloss follows HRNet and where it departs, with the tests that check it: ``docs/pose-conventions.md``.
+
 Arrays may be numpy arrays, torch tensors or nested sequences; every function checks the shapes
 of its inputs and raises ValueError naming the argument and the shape it got.
 """
@@ -107,9 +110,10 @@ def oks(keypoints_a: Any, keypoints_b: Any, area: float, sigmas: Any = COCO_SIGM
 def oks_nms(instances: Sequence[Mapping[str, Any]], threshold: float = 0.9, sigmas: Any = COCO_SIGMAS) -> list[int]:
     """HRNet's greedy OKS non-maximum suppression over the instances of one image.
 
-    Takes instances in decreasing score order (ties in input order), keeps each one that is not
-    suppressed, and suppresses the remaining instances whose OKS to it is above ``threshold``. The
-    OKS of a pair uses the mean of their areas.
+    Takes instances in HRNet's order, ``np.argsort(scores)[::-1]`` (decreasing score; numpy's
+    default sort is not stable, and among tied scores this order usually puts the later instance
+    first), keeps each one that is not suppressed, and suppresses the remaining instances whose OKS
+    to it is above ``threshold``. The OKS of a pair uses the mean of their areas.
 
     Args:
         instances: dicts with "keypoints" (K, 3), "score" (float) and "area" (float).
@@ -134,7 +138,7 @@ def oks_nms(instances: Sequence[Mapping[str, Any]], threshold: float = 0.9, sigm
     sigma_array = _checked_sigmas(sigmas, sizes)
     keypoint_array, score_array, area_array = np.stack(keypoints), np.array(scores), np.array(areas)
 
-    order = np.argsort(-score_array, kind="stable")
+    order = np.argsort(score_array)[::-1]
     kept: list[int] = []
     while order.size > 0:
         best, rest = order[0], order[1:]
@@ -403,23 +407,49 @@ def _peak_rows_cols(heatmaps: np.ndarray) -> np.ndarray:
     return np.stack([flat_peaks // width, flat_peaks % width], axis=-1)
 
 
-def heatmap_pck(predicted: Any, target: Any, threshold: float = 0.5) -> tuple[np.ndarray, float, int]:
-    """HRNet's training accuracy: PCK between the peaks of predicted and target heatmaps.
+def _hrnet_max_preds(heatmaps: np.ndarray) -> np.ndarray:
+    """HRNet's ``get_max_preds``: (N, K, H, W) -> (N, K, 2) [x, y] of each heatmap's maximum (the first
+    one on ties), (0, 0) where the maximum is <= 0."""
+    batch, joints = heatmaps.shape[:2]
+    peaks = _peak_rows_cols(heatmaps)[..., ::-1].astype(np.float64)
+    positive = heatmaps.reshape(batch, joints, -1).max(axis=-1) > 0
+    return np.where(positive[..., None], peaks, 0.0)
 
-    The peak (argmax) offsets in rows and columns are divided by H / 10 and W / 10; a joint is
-    correct when that normalised distance is below ``threshold``. A joint of a sample counts only
-    where its target heatmap's maximum is > 0.
+
+_HEATMAP_PCK_CONVENTIONS = ("hgloss", "hrnet")
+
+
+def heatmap_pck(
+    predicted: Any, target: Any, threshold: float = 0.5, convention: str = "hgloss"
+) -> tuple[np.ndarray, float, int]:
+    """PCK between the peaks (argmax) of predicted and target heatmaps: the accuracy HRNet reports
+    during training, by hgloss's normalisation or HRNet's.
+
+    A joint of a sample is correct when its normalised peak distance is below ``threshold``.
+
+    - ``convention="hgloss"`` (ours, the default): row offsets are divided by H / 10 and column
+      offsets by W / 10, each axis by its own size; a joint of a sample counts where its target
+      heatmap's maximum is > 0.
+    - ``convention="hrnet"``: HRNet's ``accuracy(output, target, hm_type='gaussian', thr=threshold)``
+      exactly. Both peaks come from ``get_max_preds``, which puts a peak whose maximum is <= 0 at
+      (0, 0); HRNet's norm ``[H, W] / 10`` is applied to ``(x, y)``, so x (column) offsets are divided
+      by H / 10 and y (row) offsets by W / 10, swapped unless the maps are square; and a joint of a
+      sample counts only where its target peak has x > 1 and y > 1, so targets in the first two rows
+      or columns are never counted.
 
     Args:
         predicted: (N, K, H, W) predicted heatmaps, numpy or torch.
         target: (N, K, H, W) target heatmaps.
         threshold: normalised distance below which a joint is correct.
+        convention: "hgloss" or "hrnet".
 
     Returns:
         (per_joint, mean, counted): per_joint (K,) the fraction correct of each joint's counted
         samples, -1 for a joint with none; mean the mean of per_joint over the joints with counted
-        samples (0.0 when none has); counted the number of such joints.
+        samples (0.0 when none has); counted the number of such joints (HRNet's ``cnt``).
     """
+    if convention not in _HEATMAP_PCK_CONVENTIONS:
+        raise ValueError(f"convention must be 'hgloss' or 'hrnet', got {convention!r}")
     sizes: dict[str, int] = {}
     predicted_maps = checked_array("predicted", predicted, ("N", "K", "H", "W"), sizes)
     target_maps = checked_array("target", target, ("N", "K", "H", "W"), sizes)
@@ -429,9 +459,14 @@ def heatmap_pck(predicted: Any, target: Any, threshold: float = 0.5) -> tuple[np
         raise ValueError(f"predicted must have H, W >= 1, got shape {predicted_maps.shape}")
 
     normaliser = np.array([height, width]) / 10
-    offsets = (_peak_rows_cols(predicted_maps) - _peak_rows_cols(target_maps)) / normaliser
-    distances = np.linalg.norm(offsets, axis=-1)
-    counted = target_maps.reshape(batch, joints, height * width).max(axis=-1) > 0
+    if convention == "hrnet":
+        predicted_xy, target_xy = _hrnet_max_preds(predicted_maps), _hrnet_max_preds(target_maps)
+        distances = np.linalg.norm(predicted_xy / normaliser - target_xy / normaliser, axis=-1)
+        counted = (target_xy[..., 0] > 1) & (target_xy[..., 1] > 1)
+    else:
+        offsets = (_peak_rows_cols(predicted_maps) - _peak_rows_cols(target_maps)) / normaliser
+        distances = np.linalg.norm(offsets, axis=-1)
+        counted = target_maps.reshape(batch, joints, height * width).max(axis=-1) > 0
     correct = (distances < threshold) & counted
     counts = counted.sum(axis=0)
     has_counted = counts > 0

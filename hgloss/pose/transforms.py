@@ -3,7 +3,7 @@
 Coordinates are (x, y) in pixels with x to the right and y down; integer coordinates are pixel centres (the
 cv2 / HRNet convention). A person box is described by its centre and its ``scale``: the box size in units of
 ``PIXEL_STD`` pixels, as (width, height). Affine maps are 2x3 float64 matrices ``M`` acting on column vectors
-``(x, y, 1)``.
+``(x, y, 1)``. Where these maps follow HRNet or mmpose and where they depart: ``docs/pose-conventions.md``.
 """
 
 from collections.abc import Sequence
@@ -133,7 +133,8 @@ def get_affine_transform(
     shift: Sequence[float] = (0.0, 0.0),
     inverse: bool = False,
 ) -> np.ndarray:
-    """HRNet's ``get_affine_transform``: image -> crop of a rotated box.
+    """HRNet's ``get_affine_transform``: image -> crop of a rotated box (solved in float64; HRNet passes
+    the three point pairs to ``cv2.getAffineTransform`` as float32).
 
     The box ``scale * PIXEL_STD`` pixels wide around ``center + scale * PIXEL_STD * shift`` is mapped onto an
     output of ``output_size = (width, height)`` pixels, the box centre onto ``output_size / 2``. As in HRNet
@@ -195,6 +196,15 @@ def get_udp_transform(
 
     ``rotation_deg`` turns the box as in :func:`get_affine_transform` (clockwise on screen for positive
     values), so the two functions produce the same orientation for the same angle.
+
+    This departs from mmpose's ``get_udp_warp_matrix``, which takes ``scale`` in pixels, zooms by
+    ``(output_size - 1) / scale`` (the box's pixel count, not the span between its first and last pixel
+    centres) and turns the other way (its ``rotation`` equals hgloss's ``-rotation``, and is opposite to
+    mmpose's own ``get_warp_matrix``). Each map is consistent with its own inverse: mmpose decodes UDP
+    heatmaps to ``heatmap / (heatmap_size - 1) * input_size`` and then to
+    ``/ input_size * scale + center - scale / 2``, which undoes its zoom exactly. hgloss keeps its own
+    map, which is self-consistent (the round trip is measured in ``docs/pose-conventions.md``) and
+    orients the crop as :func:`get_affine_transform` does.
 
     Args:
         center: (2,) box centre in image pixels.
