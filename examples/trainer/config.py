@@ -148,8 +148,8 @@ class TrainConfig:
     def _check_with_the_library(self, device: torch.device) -> None:
         """The loss and self-distillation settings, by the constructors that will use them."""
         try:
-            functional.check_settings(grad_weight=self.grad_weight, stencil=self.stencil,
-                                             backend=self.backend, gradient_form=self.gradient_form)
+            functional.check_settings(grad_weight=self.grad_weight, stencil=self.stencil, backend=self.backend,
+                                      gradient_form=self.gradient_form)
             if self.backend != "auto":
                 functional.resolve_backend(self.backend, device)
             if self.loss == "hg+sd":
@@ -170,9 +170,9 @@ def accepted(spec: dataclasses.Field) -> str:
     words = {int: "an integer", float: "a number", str: "a string"}
     if typing.get_origin(kind) is list:
         item = typing.get_args(kind)[0]
-        count = f"{meta['length']} " if meta["length"] else ""
-        words_for_list = f"{count or 'a list of '}{'integers' if item is int else 'numbers'}"
-        return words_for_list + _range_words(meta) + ", e.g. " + ",".join(str(n) for n in spec.default_factory())
+        how_many = f"{meta['length']} " if meta["length"] else "a list of "
+        example = ",".join(str(n) for n in spec.default_factory())
+        return f"{how_many}{'integers' if item is int else 'numbers'}{_range_words(meta)}, e.g. {example}"
     return words[kind] + _range_words(meta)
 
 
@@ -246,6 +246,8 @@ def _scalar(kind: type, value: Any) -> Any:
 
 
 def _check_range(spec: dataclasses.Field, value: Any) -> None:
+    """Raises ConfigError when a coerced value is outside its setting's choices or range (each
+    entry of a list) or a list has the wrong length."""
     meta = spec.metadata
     values = value if isinstance(value, list) else [value]
     if (
