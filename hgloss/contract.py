@@ -84,18 +84,20 @@ def check_loss_arguments(
     stencil: str,
     reduction: str,
     operator: bool = False,
+    pixel_weight: torch.Tensor | None = None,
 ) -> tuple[float, float]:
     """Every check of docs/spec.md section 2; returns mse_weight and grad_weight as floats.
 
-    The public function takes a float or (B,) alpha and a (B, K), (B, K, 1) or (B, K, 1, 1)
-    target_weight. A fused operator (`operator=True`) takes a (B,) alpha tensor, required with a
-    teacher and otherwise optional, and the same weight shapes under the name "weight"."""
+    The public function takes a float or (B,) alpha, a (B, K), (B, K, 1) or (B, K, 1, 1)
+    target_weight and a pixel_weight broadcastable to (B, K, H, W) (any strides). A fused
+    operator (`operator=True`) takes a (B,) alpha tensor, required with a teacher and otherwise
+    optional, the same weight shapes under the name "weight", and no pixel_weight."""
     weight_name = "weight" if operator else "target_weight"
     if not isinstance(pred, torch.Tensor) or not isinstance(target, torch.Tensor):
         raise TypeError("pred and target must be tensors")
     named = (
         ("pred", pred), ("target", target), ("teacher", teacher), (weight_name, weight),
-        ("alpha", alpha if isinstance(alpha, torch.Tensor) else None),
+        ("alpha", alpha if isinstance(alpha, torch.Tensor) else None), ("pixel_weight", pixel_weight),
     )
     device = pred.device
     one_device = True
@@ -125,6 +127,8 @@ def check_loss_arguments(
             raise ValueError(
                 f"{weight_name} shape {_shape(weight)} is not one of {accepted} for pred shape {_shape(pred)}"
             )
+    if pixel_weight is not None:
+        check_pixel_weight_shape(pixel_weight, pred)
 
     if isinstance(alpha, torch.Tensor):
         if _shape(alpha) != (batch,):
@@ -140,6 +144,24 @@ def check_loss_arguments(
     check_choice("stencil", stencil, STENCILS)
     check_choice("reduction", reduction, REDUCTIONS)
     return mse_weight, grad_weight
+
+
+def broadcasts_to(shape: tuple[int, ...], full: tuple[int, ...]) -> bool:
+    """Whether a tensor of `shape` broadcasts to exactly `full` (right-aligned, each size equal
+    or 1, no more dimensions than `full`)."""
+    return len(shape) <= len(full) and all(
+        size in (1, wanted) for size, wanted in zip(reversed(shape), reversed(full))
+    )
+
+
+def check_pixel_weight_shape(pixel_weight: torch.Tensor, pred: torch.Tensor) -> None:
+    """pixel_weight M must broadcast to pred's (B, K, H, W), e.g. (B, K, H, W), (B, 1, H, W),
+    (1, K, 1, W) or (H, W)."""
+    if not broadcasts_to(_shape(pixel_weight), _shape(pred)):
+        raise ValueError(
+            f"pixel_weight shape {_shape(pixel_weight)} does not broadcast to pred shape {_shape(pred)} "
+            "(B, K, H, W)"
+        )
 
 
 def check_operator_arguments(pred, target, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction) -> None:

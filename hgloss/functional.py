@@ -81,6 +81,15 @@ def check_gradient_form(gradient_form: str, backend: str) -> None:
         )
 
 
+def check_pixel_weight_backend(backend: str) -> None:
+    """A pixel_weight is computed by the reference backend alone (for now)."""
+    if backend not in ("auto", "reference"):
+        raise ValueError(
+            f"pixel_weight is computed by the reference backend only, not by {backend!r}; "
+            "use backend='reference' or 'auto'"
+        )
+
+
 def _under_functorch_transform() -> bool:
     """Whether a torch.func transform (grad, vmap, jacrev, ...) is active. torch.compile traces
     transforms in its own way and is not asked."""
@@ -142,6 +151,7 @@ def heatmap_gradient_loss(
     reduction: str = "mean",
     backend: str = "auto",
     gradient_form: str = "components",
+    pixel_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Heatmap MSE plus the MSE of the heatmaps' finite-difference gradients, fused.
 
@@ -153,7 +163,9 @@ def heatmap_gradient_loss(
         L[b, k] = w[b, k] * (mse_weight * V + grad_weight * R)
 
     then reduced over (b, k) by `reduction`. Ax, Ay are the `stencil`'s gradient maps ("forward"
-    differences, "central" differences or "sobel"), taken on their valid positions only.
+    differences, "central" differences or "sobel"), taken on their valid positions only. With a
+    pixel_weight M, V = sum_ij M D^2 / (H*W) and each entry of Ax and Ay is weighted by M at the
+    entry's own index (i, j) (Nx + Ny unchanged).
 
     Args:
         pred: (B, K, H, W) predicted heatmaps, float16/bfloat16/float32/float64, any strides.
@@ -171,6 +183,10 @@ def heatmap_gradient_loss(
         gradient_form: "components" (R above), or "magnitude": R becomes the mean of
             (|grad P| - |grad T|)^2 over the positions where both maps are defined. The magnitude
             form is computed by the reference backend only ("auto" picks it).
+        pixel_weight: per-pixel weights M, a floating tensor broadcastable to (B, K, H, W), e.g.
+            (B, 1, H, W) or (H, W); any strides (an expanded tensor is not copied). It may
+            require grad. Computed by the reference backend only, for now ("auto" picks it; a
+            fused backend named with it raises ValueError).
 
     Returns:
         The loss, float64 for a float64 pred and float32 otherwise.
@@ -187,16 +203,21 @@ def heatmap_gradient_loss(
         >>> loss.backward()
     """
     mse_weight, grad_weight = contract.check_loss_arguments(
-        pred, target, teacher, alpha, target_weight, mse_weight, grad_weight, stencil, reduction
+        pred, target, teacher, alpha, target_weight, mse_weight, grad_weight, stencil, reduction,
+        pixel_weight=pixel_weight,
     )
     if gradient_form != "components":
         check_gradient_form(gradient_form, backend)
+        backend = "reference"
+    if pixel_weight is not None:
+        check_backend_name(backend)
+        check_pixel_weight_backend(backend)
         backend = "reference"
     backend = resolve_backend(backend, pred.device)
     blend = None
     if teacher is not None:
         blend = alpha if isinstance(alpha, torch.Tensor) else _constant_blend(float(alpha), pred)
-    kept = (target, teacher, blend, target_weight)
+    kept = (target, teacher, blend, target_weight, pixel_weight)
     try:
         return _compute(backend, pred, *kept, mse_weight, grad_weight, stencil, reduction, gradient_form)
     except RuntimeError:
@@ -210,8 +231,8 @@ def heatmap_gradient_loss(
     return _compute(backend, pred, *copies, mse_weight, grad_weight, stencil, reduction, gradient_form)
 
 
-def _compute(backend, pred, target, teacher, blend, target_weight, mse_weight, grad_weight, stencil, reduction,
-             gradient_form):
+def _compute(backend, pred, target, teacher, blend, target_weight, pixel_weight, mse_weight, grad_weight, stencil,
+             reduction, gradient_form):
     """The loss from the chosen backend, on checked arguments."""
     if backend != "reference":
         return ops.fused_heatmap_loss(
@@ -220,7 +241,9 @@ def _compute(backend, pred, target, teacher, blend, target_weight, mse_weight, g
     dtype = contract.accumulation_dtype(pred)
     if blend is not None:
         blend = blend.detach().to(dtype)  # no gradient flows to alpha
-    terms = reference.plane_terms(pred, target, teacher, blend, mse_weight, grad_weight, stencil, gradient_form)
+    terms = reference.plane_terms(
+        pred, target, teacher, blend, mse_weight, grad_weight, stencil, gradient_form, pixel_weight
+    )
     if target_weight is not None:
         terms = terms * target_weight.reshape(pred.shape[:2]).to(dtype)
     return contract.reduce_plane_losses(terms, reduction)

@@ -7,6 +7,15 @@ from .contract import reduce_plane_losses
 from .functional import check_settings, heatmap_gradient_loss
 
 
+def hardest_mean(plane_losses: torch.Tensor, topk: int, name: str = "topk") -> torch.Tensor:
+    """Online hard keypoint mining: per sample, the mean of the ``topk`` largest of its (B, K)
+    plane losses, shape (B,)."""
+    joints = plane_losses.shape[1]
+    if topk > joints:
+        raise ValueError(f"{name}={topk} exceeds the number of keypoints K={joints}")
+    return plane_losses.topk(topk, dim=1, sorted=False).values.mean(dim=1)
+
+
 class HeatmapGradientLoss(nn.Module):
     """Heatmap MSE with the heatmap-gradient constraint and optional soft targets.
 
@@ -17,11 +26,15 @@ class HeatmapGradientLoss(nn.Module):
         mse_weight, grad_weight, stencil, backend, gradient_form: as in
             hgloss.heatmap_gradient_loss; checked
             here, so a bad value fails at construction rather than at the first call.
-        use_target_weight: apply the (B, K[, 1[, 1]]) target weight when one is passed.
+        use_target_weight: apply the (B, K[, 1[, 1]]) target weight when one is passed. A
+            ``pixel_weight`` passed to forward is applied whatever this says.
         reduction: "mean", "sum" or "none".
-        ohkm_topk: online hard keypoint mining (HRNet's JointsOHKMMSELoss): per sample, keep the
-            ``ohkm_topk`` largest plane losses and average them; ``reduction`` then applies over
-            the batch ("none" returns the (B,) per-sample losses).
+        ohkm_topk: online hard keypoint mining: per sample, keep the ``ohkm_topk`` largest plane
+            losses and average them; ``reduction`` then applies over the batch ("none" returns
+            the (B,) per-sample losses). With ``mse_weight=0.5, grad_weight=0`` and the target
+            weight squared this equals HRNet's ``JointsOHKMMSELoss``; the drop-ins for HRNet's
+            and mmpose's OHKM losses, weights included, are ``hgloss.compat.JointsOHKMMSELoss``
+            and ``hgloss.compat.KeypointOHKMMSELoss``.
 
     Example::
 
@@ -63,6 +76,7 @@ class HeatmapGradientLoss(nn.Module):
         target_weight: torch.Tensor | None = None,
         teacher: torch.Tensor | None = None,
         alpha: float | torch.Tensor = 0.5,
+        pixel_weight: torch.Tensor | None = None,
     ) -> torch.Tensor:
         plane_losses = heatmap_gradient_loss(
             pred,
@@ -76,15 +90,11 @@ class HeatmapGradientLoss(nn.Module):
             reduction="none" if self.ohkm_topk is not None else self.reduction,
             backend=self.backend,
             gradient_form=self.gradient_form,
+            pixel_weight=pixel_weight,
         )
         if self.ohkm_topk is None:
             return plane_losses
-        joints = plane_losses.shape[1]
-        if self.ohkm_topk > joints:
-            raise ValueError(f"ohkm_topk={self.ohkm_topk} exceeds the number of keypoints K={joints}")
-        hardest = plane_losses.topk(self.ohkm_topk, dim=1, sorted=False).values
-        per_sample = hardest.mean(dim=1)
-        return reduce_plane_losses(per_sample, self.reduction)
+        return reduce_plane_losses(hardest_mean(plane_losses, self.ohkm_topk, "ohkm_topk"), self.reduction)
 
     def extra_repr(self) -> str:
         return (

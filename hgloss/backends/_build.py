@@ -1,25 +1,45 @@
 """Loads the C++ extension hgloss._C on the first call that needs it, building it just in time
-from csrc/ when it is missing. Importing hgloss loads and compiles nothing.
+from the C++ sources when it is missing. Importing hgloss loads and compiles nothing.
 
-`pip install --no-build-isolation .` builds hgloss._C ahead of time, with the CUDA kernels when
-torch is a CUDA build and nvcc is found. When the installed package lacks it (torch was not
-importable at build time, or the build was skipped), the sources next to the package are
-compiled once with torch.utils.cpp_extension.load (ninja). If that fails too, hgloss warns once
-and every call uses the reference backend.
+`pip install --no-build-isolation .` (and `pip wheel --no-build-isolation`) builds hgloss._C
+ahead of time against the torch it sees, with the CUDA kernels when torch is a CUDA build and nvcc
+is found. `pip install .` with build isolation cannot see the user's torch, so it installs the
+package without hgloss._C and with its C++ sources (hgloss/csrc/); the first call that needs the
+extension compiles them once with torch.utils.cpp_extension (ninja, a dependency), into a folder
+of TORCH_EXTENSIONS_DIR named after a hash of the sources, the flags and the torch and Python
+versions, and later processes load that library without compiling. The same happens when the
+installed hgloss._C was built for another torch release (hgloss/_build_info.py says which). If
+that fails too, hgloss warns once and every call uses the reference backend.
 
 The CUDA kernels likewise: when hgloss._C was built without them, the first call on a CUDA tensor
-compiles them into a library of their own (csrc/cuda/, about a minute, cached by torch in
-TORCH_EXTENSIONS_DIR) and registers them for the CUDA dispatch key.
+compiles them into a library of their own (csrc/cuda/, about a minute, cached the same way) and
+registers them for the CUDA dispatch key.
 
 HGLOSS_DISABLE_EXTENSION=1 skips both, which is how the fallback path is tested.
 """
 
+import hashlib
 import importlib
 import os
+import platform
+import shutil
 import sys
 import warnings
 
-_CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "csrc")
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _find_sources() -> str:
+    """The C++ sources: hgloss/csrc/ in an installed package (setup.py copies them there), else
+    csrc/ beside the package in a checkout or an editable install."""
+    candidates = (os.path.join(_PACKAGE, "csrc"), os.path.join(os.path.dirname(_PACKAGE), "csrc"))
+    for candidate in candidates:
+        if os.path.isfile(os.path.join(candidate, "heatmap_loss.cpp")):
+            return candidate
+    return candidates[0]
+
+
+_CSRC = _find_sources()
 # Relative to csrc/. setup.py builds the same sources with the same flags.
 CPU_SOURCES = (
     "heatmap_loss.cpp",
@@ -37,13 +57,28 @@ CUDA_SOURCES = tuple(
         "heatmap_loss_sobel.cu",
     )
 )
+# What setup.py ships in the package (hgloss/csrc/) for the just-in-time builds.
+SHIPPED_SOURCE_SUFFIXES = (".cpp", ".h", ".hpp", ".cu", ".cuh")
+
+
+def cpu_arch() -> str | None:
+    """The -march the CPU kernel is compiled for: HGLOSS_CPU_ARCH when set (e.g. native or
+    x86-64-v3 for a local build; "default" for the compiler's own default), else the baseline
+    x86-64 on x86-64 machines, so that a wheel runs on any x86-64 CPU, and the compiler's default
+    elsewhere."""
+    arch = os.environ.get("HGLOSS_CPU_ARCH", "").strip()
+    if arch:
+        return None if arch == "default" else arch
+    return "x86-64" if platform.machine().lower() in ("x86_64", "amd64") else None
 
 
 def cpu_compile_flags() -> list[str]:
-    """-march defaults to the building machine's (HGLOSS_CPU_ARCH=x86-64-v3 etc. for portable
-    builds): the kernel's passes are written to be vectorised, and AVX2/AVX-512 doubles or
-    quadruples their width over the baseline SSE2."""
-    return ["-O3", "-std=c++17", "-fopenmp", f"-march={os.environ.get('HGLOSS_CPU_ARCH', 'native')}"]
+    """Flags on top of torch's. torch's cpp_extension picks the C++ standard (c++20 in torch
+    2.13) and we add none, so the ahead-of-time and just-in-time builds compile alike. -march is
+    the baseline by default (see cpu_arch): the kernel's passes are written to be vectorised,
+    and `HGLOSS_CPU_ARCH=native` lets the compiler use AVX2/AVX-512 on the building machine."""
+    arch = cpu_arch()
+    return ["-O3", "-fopenmp"] + ([f"-march={arch}"] if arch else [])
 
 def cuda_compile_flags() -> list[str]:
     """nvcc flags on top of torch's, which pick the C++ standard and, from TORCH_CUDA_ARCH_LIST
@@ -59,21 +94,102 @@ _loaded: bool | None = None
 _failure: str | None = None
 
 
-def _jit_build() -> None:
+def built_for_torch() -> str | None:
+    """The torch version the installed hgloss._C was built against, as setup.py recorded it in
+    hgloss/_build_info.py; None when not recorded (a checkout or an editable install)."""
+    try:
+        from hgloss import _build_info
+    except ImportError:
+        return None
+    return getattr(_build_info, "TORCH_VERSION", None)
+
+
+def _ninja_on_path() -> str | None:
+    """A folder to add to PATH so that torch finds ninja: the one holding the ninja of the `ninja`
+    package (the scripts folder of this environment, which is not on PATH when the environment
+    is not activated). None when ninja is already on PATH or nowhere to be found."""
+    if shutil.which("ninja") is not None:
+        return None
+    try:
+        import ninja
+    except ImportError:
+        return None
+    folder = getattr(ninja, "BIN_DIR", None)
+    if folder and os.path.isfile(os.path.join(folder, "ninja")):
+        return folder
+    return None
+
+
+def _build_folder(name: str, sources: list[str], flags: list, extra: tuple = ()) -> str:
+    """The folder a just-in-time build of `name` goes to: TORCH_EXTENSIONS_DIR (or torch's
+    default) / <name>-<hash of the sources and headers, the flags, torch, Python, compiler>. A
+    change of any of them builds afresh in a new folder instead of reusing a stale library."""
+    import torch
     from torch.utils import cpp_extension
 
-    sources = [os.path.join(_CSRC, name) for name in CPU_SOURCES]
+    digest = hashlib.sha256()
+    headers = []
+    for folder, _, files in os.walk(_CSRC):
+        headers += [os.path.join(folder, f) for f in files if f.endswith((".h", ".hpp", ".cuh"))]
+    for path in sorted(sources) + sorted(headers):
+        digest.update(os.path.relpath(path, _CSRC).encode() + b"\0")
+        with open(path, "rb") as file:
+            digest.update(file.read())
+    facts = (flags, torch.__version__, torch.version.git_version, sys.version, os.environ.get("CXX", ""), extra)
+    digest.update(repr(facts).encode())
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
+        cpp_extension.get_default_build_root(),
+        f"py{sys.version_info.major}{sys.version_info.minor}_" + ("cpu" if torch.version.cuda is None else f"cu{torch.version.cuda.replace('.', '')}"),
+    )
+    return os.path.join(root, f"{name}-{digest.hexdigest()[:16]}")
+
+
+# Written into the build folder once the library built there has loaded.
+_BUILT_MARK = "hgloss-built"
+
+
+def _load_or_compile(name: str, sources: list[str], message: str, extra_hash: tuple = (), **load_arguments) -> None:
+    """Loads the library a previous process compiled from these sources and flags, or compiles it
+    (printing `message` on stderr first, and only then) and loads it."""
+    import torch
+    from torch.utils import cpp_extension
+
+    flags = [load_arguments.get(key) for key in sorted(load_arguments)]
+    folder = _build_folder(name, sources, flags, extra_hash)
+    library = os.path.join(folder, f"{name}.so")
+    if os.path.isfile(library) and os.path.isfile(os.path.join(folder, _BUILT_MARK)):
+        torch.ops.load_library(library)
+        return
     missing = [path for path in sources if not os.path.exists(path)]
     if missing:
         raise FileNotFoundError(f"the C++ sources are not shipped with this install: {missing[0]}")
-    print("hgloss: compiling the C++ extension (first use only, about a minute)...", file=sys.stderr)
-    cpp_extension.load(
-        name="hgloss_C",
-        sources=sources,
+    print(message, file=sys.stderr, flush=True)
+    os.makedirs(folder, exist_ok=True)
+    ninja_folder = _ninja_on_path()
+    saved_path = os.environ.get("PATH")
+    if ninja_folder is not None:
+        os.environ["PATH"] = ninja_folder + os.pathsep + (saved_path or "")
+    try:
+        cpp_extension.load(name=name, sources=sources, build_directory=folder, is_python_module=False, **load_arguments)
+    finally:
+        if ninja_folder is not None:
+            if saved_path is None:
+                os.environ.pop("PATH", None)
+            else:
+                os.environ["PATH"] = saved_path
+    if os.path.isfile(library):
+        with open(os.path.join(folder, _BUILT_MARK), "w") as mark:
+            mark.write("loaded once by hgloss\n")
+
+
+def _jit_build(reason: str = "") -> None:
+    _load_or_compile(
+        "hgloss_C",
+        [os.path.join(_CSRC, name) for name in CPU_SOURCES],
+        f"hgloss: compiling the C++ extension{reason} (first use only, about a minute)...",
         extra_include_paths=[os.path.join(_CSRC, "include")],
         extra_cflags=cpu_compile_flags(),
         extra_ldflags=["-fopenmp"],
-        is_python_module=False,
     )
 
 
@@ -85,7 +201,13 @@ def load_extension() -> bool:
     if os.environ.get("HGLOSS_DISABLE_EXTENSION", "0") == "1":
         _loaded, _failure = False, "HGLOSS_DISABLE_EXTENSION=1"
         return _loaded
+    import torch
+
+    recorded = built_for_torch()
+    mismatch = recorded is not None and recorded.split("+")[0] != torch.__version__.split("+")[0]
     try:
+        if mismatch:
+            raise ImportError(f"hgloss._C was built for torch {recorded}, but torch {torch.__version__} is installed")
         importlib.import_module("hgloss._C")
         _loaded = _has_required_operators()
         if not _loaded:
@@ -94,8 +216,9 @@ def load_extension() -> bool:
                 "rebuild it with `make install` or `pip install --no-build-isolation .`"
             )
     except ImportError as import_error:
+        reason = f" for torch {torch.__version__} (the installed one was built for torch {recorded})" if mismatch else ""
         try:
-            _jit_build()
+            _jit_build(reason)
             _loaded = True
         except Exception as build_error:  # any compiler or loader failure means: fall back
             _loaded = False
@@ -182,19 +305,17 @@ def cuda_failure_reason() -> str | None:
 
 
 def _compile_cuda_kernels() -> None:
-    from torch.utils import cpp_extension
+    import torch
 
-    print(
+    # What torch compiles for when TORCH_CUDA_ARCH_LIST is unset: the visible GPUs.
+    capabilities = tuple(torch.cuda.get_device_capability(index) for index in range(torch.cuda.device_count()))
+    _load_or_compile(
+        "hgloss_cuda",
+        [os.path.join(_CSRC, name) for name in CUDA_SOURCES],
         "hgloss: compiling the CUDA kernels for this GPU (first use on a CUDA tensor only, about a minute)...",
-        file=sys.stderr,
-        flush=True,
-    )
-    cpp_extension.load(
-        name="hgloss_cuda",
-        sources=[os.path.join(_CSRC, name) for name in CUDA_SOURCES],
+        extra_hash=(os.environ.get("TORCH_CUDA_ARCH_LIST", ""), capabilities, torch.version.cuda),
         extra_include_paths=[os.path.join(_CSRC, "include")],
         extra_cuda_cflags=cuda_compile_flags(),
-        is_python_module=False,
     )
 
 
