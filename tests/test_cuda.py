@@ -60,7 +60,9 @@ def test_missing_compiler_is_a_clear_error(gpu_without_cuda_kernels, monkeypatch
 
 
 @needs_extension
-def test_first_cuda_call_compiles_with_a_message(gpu_without_cuda_kernels, monkeypatch, capsys):
+def test_first_cuda_call_compiles_with_a_message(gpu_without_cuda_kernels, monkeypatch, capsys, tmp_path):
+    # An empty extension cache: a finished build of the same sources would be loaded, not compiled.
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     compiled = []
     monkeypatch.setattr(_build, "cuda_compiler_home", lambda: "/opt/cuda")
     monkeypatch.setattr(_build, "cuda_kernels_registered", lambda: bool(compiled))  # once built
