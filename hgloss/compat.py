@@ -15,7 +15,7 @@ weighting and scaling.
 import torch
 from torch import nn
 
-from .contract import check_term_weight, reduce_plane_losses
+from .contract import broadcasts_to, check_term_weight, reduce_plane_losses
 from .functional import check_settings, heatmap_gradient_loss
 from .modules import hardest_mean
 
@@ -144,10 +144,6 @@ class JointsOHKMMSELoss(nn.Module):
         return reduce_plane_losses(hardest_mean(joint_losses, self.topk), "mean") * self.loss_weight
 
 
-def _broadcasts_to(shape, full) -> bool:
-    return len(shape) == len(full) and all(size in (1, wanted) for size, wanted in zip(shape, full))
-
-
 class KeypointMSELoss(nn.Module):
     """mmpose 1.x ``KeypointMSELoss``: ``loss_weight * mean_{b,k,i,j}(M * D^2)``.
 
@@ -191,7 +187,7 @@ class KeypointMSELoss(nn.Module):
         batch, joints = target.shape[:2]
         plane = pixel = None
         if mask is not None:
-            if not _broadcasts_to(tuple(mask.shape), tuple(target.shape)):
+            if mask.dim() != 4 or not broadcasts_to(tuple(mask.shape), tuple(target.shape)):
                 raise ValueError(
                     f"mask shape {tuple(mask.shape)} does not broadcast to target shape {tuple(target.shape)}: "
                     "it needs 4 dimensions, each equal to the target's or 1, e.g. (B, K, H, W) or (B, 1, H, W)"

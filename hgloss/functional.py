@@ -74,18 +74,16 @@ def check_settings(
 def check_gradient_form(gradient_form: str, backend: str) -> None:
     """The magnitude form is computed by the reference backend alone."""
     contract.check_choice("gradient_form", gradient_form, contract.GRADIENT_FORMS)
-    if gradient_form == "magnitude" and backend not in ("auto", "reference"):
-        raise ValueError(
-            f"gradient_form='magnitude' is computed by the reference backend only, not by {backend!r}; "
-            "use backend='reference' or 'auto'"
-        )
+    if gradient_form == "magnitude":
+        _check_reference_only("gradient_form='magnitude'", backend)
 
 
-def check_pixel_weight_backend(backend: str) -> None:
-    """A pixel_weight is computed by the reference backend alone (for now)."""
+def _check_reference_only(feature: str, backend: str) -> None:
+    """Raises when a backend other than the reference (or "auto", which then picks it) is named
+    for a feature that only the reference backend computes."""
     if backend not in ("auto", "reference"):
         raise ValueError(
-            f"pixel_weight is computed by the reference backend only, not by {backend!r}; "
+            f"{feature} is computed by the reference backend only, not by {backend!r}; "
             "use backend='reference' or 'auto'"
         )
 
@@ -211,7 +209,7 @@ def heatmap_gradient_loss(
         backend = "reference"
     if pixel_weight is not None:
         check_backend_name(backend)
-        check_pixel_weight_backend(backend)
+        _check_reference_only("pixel_weight", backend)
         backend = "reference"
     backend = resolve_backend(backend, pred.device)
     blend = None
