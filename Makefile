@@ -68,6 +68,7 @@ ifneq ($(UPDATE_RESULTS),1)
 endif
 	$(PY) benchmarks/bench_loss.py --batch 8,32,64,128 $(BENCH_OUT_ARG)
 	$(PY) benchmarks/bench_train_step.py $(BENCH_OUT_ARG)
+	$(PY) benchmarks/bench_keypoint_targets.py $(if $(BENCH_OUT_ARG),--out $(BENCH_OUT)/keypoint_targets)
 
 clean:
 	rm -rf build dist $(VENV) *.egg-info hgloss/_C*.so

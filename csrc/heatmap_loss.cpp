@@ -17,9 +17,20 @@ TORCH_LIBRARY(hgloss, m) {
   //   grad:  dL/dD for an upstream gradient of 1, (B, K, H, W), when compute_grad; else empty.
   // All three in the accumulation dtype: float64 for a float64 pred, else float32. `weight` is
   // (B, K); `alpha` is (B,) and required with a teacher.
+  // The target is either `target` or separable: G[i, j] = float32(target_rows[b, k, i] *
+  // target_cols[b, k, j]), float64 factors (B, K, H) and (B, K, W) (hgloss/targets.py), which
+  // the kernels evaluate in registers so that no target tensor is read.
   m.def(
-      "heatmap_loss(Tensor pred, Tensor target, Tensor? teacher, Tensor? alpha, Tensor? weight, "
-      "float mse_weight, float grad_weight, str stencil, str reduction, bool compute_grad) "
+      "heatmap_loss(Tensor pred, Tensor? target, Tensor? teacher, Tensor? alpha, Tensor? weight, "
+      "float mse_weight, float grad_weight, str stencil, str reduction, bool compute_grad, "
+      "Tensor? target_rows=None, Tensor? target_cols=None) -> (Tensor, Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
+  // The separable targets of keypoints (B, K, 2) for an H x W heatmap, docs/spec.md section 7:
+  // (rows (B, K, H), cols (B, K, W), reaches (B, K)), all float64; the factors are zero for planes
+  // of weight 0 or whose window misses the heatmap. Raises for non-finite keypoints of weighted
+  // planes. The reference of this rule is hgloss/targets.py.
+  m.def(
+      "gaussian_factors(Tensor keypoints, Tensor? weights, int height, int width, float sigma, str encoding) "
       "-> (Tensor, Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
   // grad *= scale in place: the backward of heatmap_loss. `scale` holds one value (the upstream

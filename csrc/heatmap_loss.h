@@ -12,6 +12,8 @@
 #include <optional>
 #include <sstream>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "hgloss/stencil.h"
 
@@ -69,22 +71,51 @@ struct HeatmapLossOutputs {
 };
 
 // hgloss.contract.check_operator_arguments, in the same order and with the same messages.
-inline void check_heatmap_loss_arguments(const at::Tensor& pred, const at::Tensor& target,
+// hgloss.contract.check_separable_target: the target as a tensor, or as contiguous float64
+// factors (B, K, H) and (B, K, W) on pred's device; exactly one of the two forms.
+inline void check_separable_target(const at::Tensor& pred, const std::optional<at::Tensor>& target,
+                                   const std::optional<at::Tensor>& target_rows,
+                                   const std::optional<at::Tensor>& target_cols) {
+  const bool separable = target_rows.has_value() || target_cols.has_value();
+  TORCH_CHECK_VALUE(separable != target.has_value() && (!separable || (target_rows && target_cols)),
+                    "give the target as a tensor, or as both target_rows and target_cols, not both");
+  if (!separable || pred.dim() != 4) return;  // pred is checked with the other arguments
+  const std::pair<const char*, const at::Tensor*> factors[] = {{"target_rows", &*target_rows},
+                                                                {"target_cols", &*target_cols}};
+  for (int axis = 0; axis < 2; ++axis) {
+    const auto& [name, tensor] = factors[axis];
+    const std::vector<int64_t> expected = {pred.size(0), pred.size(1), pred.size(axis == 0 ? 2 : 3)};
+    TORCH_CHECK_TYPE(tensor->scalar_type() == at::kDouble, name, " must be float64, got ",
+                     dtype_string(tensor->scalar_type()));
+    TORCH_CHECK_VALUE(tensor->device() == pred.device(), "all tensors must be on one device, got pred on ",
+                      pred.device(), ", ", name, " on ", tensor->device());
+    TORCH_CHECK_VALUE(tensor->sizes() == at::IntArrayRef(expected) && tensor->is_contiguous(), name,
+                      " must be a contiguous tensor of shape ", shape_string(expected), " for pred shape ",
+                      shape_string(pred.sizes()), ", got shape ", shape_string(tensor->sizes()));
+  }
+}
+
+inline void check_heatmap_loss_arguments(const at::Tensor& pred, const std::optional<at::Tensor>& target,
                                          const std::optional<at::Tensor>& teacher,
                                          const std::optional<at::Tensor>& alpha,
                                          const std::optional<at::Tensor>& weight, double mse_weight,
-                                         double grad_weight, c10::string_view stencil, c10::string_view reduction) {
+                                         double grad_weight, c10::string_view stencil, c10::string_view reduction,
+                                         const std::optional<at::Tensor>& target_rows,
+                                         const std::optional<at::Tensor>& target_cols) {
+  check_separable_target(pred, target, target_rows, target_cols);
   check_dtype(pred, "pred");
-  check_dtype(target, "target");
+  if (target) check_dtype(*target, "target");
   if (teacher.has_value()) check_dtype(*teacher, "teacher");
   if (weight.has_value()) check_dtype(*weight, "weight");
   if (alpha.has_value()) check_dtype(*alpha, "alpha");
 
-  const bool one_device = target.device() == pred.device() && (!teacher || teacher->device() == pred.device()) &&
+  const bool one_device = (!target || target->device() == pred.device()) &&
+                          (!teacher || teacher->device() == pred.device()) &&
                           (!weight || weight->device() == pred.device()) && (!alpha || alpha->device() == pred.device());
   if (!one_device) {
     std::ostringstream listed;
-    listed << "pred on " << pred.device() << ", target on " << target.device();
+    listed << "pred on " << pred.device();
+    if (target) listed << ", target on " << target->device();
     if (teacher) listed << ", teacher on " << teacher->device();
     if (weight) listed << ", weight on " << weight->device();
     if (alpha) listed << ", alpha on " << alpha->device();
@@ -94,8 +125,10 @@ inline void check_heatmap_loss_arguments(const at::Tensor& pred, const at::Tenso
   TORCH_CHECK_VALUE(pred.dim() == 4, "pred must be 4-D (B, K, H, W), got shape ", shape_string(pred.sizes()));
   const int64_t B = pred.size(0), K = pred.size(1), H = pred.size(2), W = pred.size(3);
   TORCH_CHECK_VALUE(K >= 1 && H >= 1 && W >= 1, "pred must have K, H, W >= 1, got shape ", shape_string(pred.sizes()));
-  TORCH_CHECK_VALUE(target.sizes() == pred.sizes(), "target shape ", shape_string(target.sizes()),
-                    " differs from pred shape ", shape_string(pred.sizes()));
+  if (target) {
+    TORCH_CHECK_VALUE(target->sizes() == pred.sizes(), "target shape ", shape_string(target->sizes()),
+                      " differs from pred shape ", shape_string(pred.sizes()));
+  }
   if (teacher) {
     TORCH_CHECK_VALUE(teacher->sizes() == pred.sizes(), "teacher shape ", shape_string(teacher->sizes()),
                       " differs from pred shape ", shape_string(pred.sizes()));

@@ -6,9 +6,12 @@ docs/spec.md.
 """
 
 from . import compat, distill
-from .functional import available_backends, heatmap_gradient_loss
-from .modules import HeatmapGradientLoss
+from .functional import available_backends, heatmap_gradient_loss, keypoint_heatmap_loss
+from .modules import HeatmapGradientLoss, KeypointHeatmapLoss
 
 __version__ = "0.1.0"
 
-__all__ = ["HeatmapGradientLoss", "available_backends", "compat", "distill", "heatmap_gradient_loss", "__version__"]
+__all__ = [
+    "HeatmapGradientLoss", "KeypointHeatmapLoss", "available_backends", "compat", "distill", "heatmap_gradient_loss",
+    "keypoint_heatmap_loss", "__version__",
+]

@@ -85,15 +85,20 @@ def check_loss_arguments(
     reduction: str,
     operator: bool = False,
     pixel_weight: torch.Tensor | None = None,
+    target_optional: bool = False,
+    weight_name: str | None = None,
 ) -> tuple[float, float]:
     """Every check of docs/spec.md section 2; returns mse_weight and grad_weight as floats.
 
     The public function takes a float or (B,) alpha, a (B, K), (B, K, 1) or (B, K, 1, 1)
     target_weight and a pixel_weight broadcastable to (B, K, H, W) (any strides). A fused
     operator (`operator=True`) takes a (B,) alpha tensor, required with a teacher and otherwise
-    optional, the same weight shapes under the name "weight", and no pixel_weight."""
-    weight_name = "weight" if operator else "target_weight"
-    if not isinstance(pred, torch.Tensor) or not isinstance(target, torch.Tensor):
+    optional, the same weight shapes under the name "weight", and no pixel_weight. With
+    `target_optional` the target may be None: the caller supplies it in another form (separable
+    factors, keypoints) and checks that form itself; `weight_name` names the weight in messages."""
+    weight_name = weight_name or ("weight" if operator else "target_weight")
+    target_given = isinstance(target, torch.Tensor) or (target_optional and target is None)
+    if not isinstance(pred, torch.Tensor) or not target_given:
         raise TypeError("pred and target must be tensors")
     named = (
         ("pred", pred), ("target", target), ("teacher", teacher), (weight_name, weight),
@@ -164,14 +169,46 @@ def check_pixel_weight_shape(pixel_weight: torch.Tensor, pred: torch.Tensor) -> 
         )
 
 
-def check_operator_arguments(pred, target, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction) -> None:
+def check_operator_arguments(
+    pred, target, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction, target_rows=None,
+    target_cols=None,
+) -> None:
     """The checks of a direct call of a fused operator: as the public function's, except that
-    alpha is a (B,) tensor or None (required with a teacher)."""
+    alpha is a (B,) tensor or None (required with a teacher), and that the target is either a
+    tensor or separable factors (target_rows, target_cols)."""
     if alpha is not None and not isinstance(alpha, torch.Tensor):
         raise TypeError(f"alpha must be a tensor or None, got {type(alpha).__name__}")
+    check_separable_target(pred, target, target_rows, target_cols)
     check_loss_arguments(
-        pred, target, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction, operator=True
+        pred, target, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction, operator=True,
+        target_optional=True,
     )
+
+
+def check_separable_target(pred, target, target_rows, target_cols) -> None:
+    """A fused operator takes its target as a tensor, or as factors G[i, j] = float32(rows[i] *
+    cols[j]) per plane (hgloss.targets): contiguous float64 tensors of shapes (B, K, H) and
+    (B, K, W) on pred's device. Exactly one of the two forms."""
+    separable = target_rows is not None or target_cols is not None
+    if separable == (target is not None) or (separable and (target_rows is None or target_cols is None)):
+        raise ValueError("give the target as a tensor, or as both target_rows and target_cols, not both")
+    if not separable or not isinstance(pred, torch.Tensor) or pred.dim() != 4:
+        return  # pred is checked with the other arguments
+    batch, joints, height, width = pred.shape
+    for name, factors, size in (("target_rows", target_rows, height), ("target_cols", target_cols, width)):
+        if not isinstance(factors, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(factors).__name__}")
+        if factors.dtype != torch.float64:
+            raise TypeError(f"{name} must be float64, got {factors.dtype}")
+        if factors.device != pred.device:
+            raise ValueError(
+                f"all tensors must be on one device, got pred on {pred.device}, {name} on {factors.device}"
+            )
+        if _shape(factors) != (batch, joints, size) or not factors.is_contiguous():
+            raise ValueError(
+                f"{name} must be a contiguous tensor of shape {(batch, joints, size)} for pred shape "
+                f"{_shape(pred)}, got shape {_shape(factors)}"
+            )
 
 
 def operator_outputs(pred: torch.Tensor, reduction: str, compute_grad: bool):
@@ -187,11 +224,14 @@ def operator_outputs(pred: torch.Tensor, reduction: str, compute_grad: bool):
 
 
 def fake_heatmap_loss(
-    pred, target, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction, compute_grad
+    pred, target, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction, compute_grad,
+    target_rows=None, target_cols=None,
 ):
     """The fake (meta) implementation shared by every fused operator: the checks, then outputs
     of the right shapes and dtypes."""
-    check_operator_arguments(pred, target, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction)
+    check_operator_arguments(
+        pred, target, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction, target_rows, target_cols
+    )
     return operator_outputs(pred, reduction, compute_grad)
 
 

@@ -9,7 +9,7 @@ import warnings
 
 import torch
 
-from . import contract, ops
+from . import contract, ops, targets
 from .backends import _build, reference
 from .stencils import STENCILS
 
@@ -212,12 +212,96 @@ def heatmap_gradient_loss(
         _check_reference_only("pixel_weight", backend)
         backend = "reference"
     backend = resolve_backend(backend, pred.device)
+    return _run(
+        backend, pred, (target, teacher, alpha, target_weight, pixel_weight), mse_weight, grad_weight, stencil,
+        reduction, gradient_form,
+    )
+
+
+def keypoint_heatmap_loss(
+    pred: torch.Tensor,
+    keypoints: torch.Tensor,
+    keypoint_weights: torch.Tensor | None = None,
+    *,
+    sigma: float = 2.0,
+    encoding: str = "msra",
+    teacher: torch.Tensor | None = None,
+    alpha: float | torch.Tensor = 0.5,
+    mse_weight: float = 1.0,
+    grad_weight: float = 1.0,
+    stencil: str = "forward",
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """heatmap_gradient_loss with the Gaussian targets built from keypoints inside the loss.
+
+    The target of plane (b, k) is what hgloss.pose.codecs.MSRAHeatmap ("msra") or UDPHeatmap
+    ("udp") encodes for keypoints[b, k]: a Gaussian of peak 1 and standard deviation `sigma`
+    (heatmap pixels) on the int(3 sigma) window around the rounded keypoint, centred on the
+    rounded ("msra") or exact ("udp") position, zero elsewhere, stored as float32. A keypoint
+    whose window misses the heatmap gets plane weight 0 (the codecs' rule), and a plane of weight
+    0 has an all-zero target. The fused backends evaluate the Gaussian in registers from two
+    per-plane factors (hgloss.targets), so no (B, K, H, W) target is ever built or read; the
+    reference backend builds it. docs/spec.md section 7.
+
+    Args:
+        pred: (B, K, H, W) predicted heatmaps, as in heatmap_gradient_loss.
+        keypoints: (B, K, 2) floating (x, y) in heatmap pixels, pixel centres at integers (the
+            codecs' keypoint divided by their stride). Must be finite where the weight is not 0;
+            no gradient flows to them.
+        keypoint_weights: (B, K), (B, K, 1) or (B, K, 1, 1) plane weights (visibility times
+            joint weight), default 1. It may require grad.
+        sigma: the Gaussian's standard deviation in heatmap pixels, > 0.
+        encoding: "msra" or "udp".
+        teacher, alpha, mse_weight, grad_weight, stencil, reduction, backend: as in
+            heatmap_gradient_loss.
+
+    Checking that the weighted keypoints are finite reads their values: one device
+    synchronisation per call on a GPU, and a graph break under torch.compile.
+
+    Example::
+
+        >>> loss = hgloss.keypoint_heatmap_loss(pred, keypoints, visible, sigma=2.0)
+    """
+    mse_weight, grad_weight = contract.check_loss_arguments(
+        pred, None, teacher, alpha, keypoint_weights, mse_weight, grad_weight, stencil, reduction,
+        target_optional=True, weight_name="keypoint_weights",
+    )
+    targets.check_keypoints(pred, keypoints)
+    sigma = targets.check_sigma(sigma)
+    targets.check_encoding(encoding)
+    backend = resolve_backend(backend, pred.device)
+    batch, joints, height, width = pred.shape
+    if backend == "cpu":
+        # One C++ pass that also checks the keypoints; the composite of PyTorch operations
+        # below costs about as much as the loss itself on the CPU.
+        weights = None if keypoint_weights is None else keypoint_weights.detach()
+        rows, cols, reaches = torch.ops.hgloss.gaussian_factors(
+            keypoints.detach(), weights, height, width, sigma, encoding
+        )
+    else:
+        targets.check_finite_where_weighted(keypoints, keypoint_weights)
+        rows, cols, reaches = targets.gaussian_factors(keypoints, keypoint_weights, height, width, sigma, encoding)
+    plane_weight = reaches.to(contract.accumulation_dtype(pred))
+    if keypoint_weights is not None:
+        plane_weight = keypoint_weights.reshape(batch, joints) * plane_weight
+    return _run(
+        backend, pred, (None, teacher, alpha, plane_weight, None), mse_weight, grad_weight, stencil, reduction,
+        "components", (rows, cols),
+    )
+
+
+def _run(backend, pred, inputs, mse_weight, grad_weight, stencil, reduction, gradient_form, target_factors=None):
+    """The loss from `backend` on checked arguments; inputs = (target, teacher, alpha,
+    target_weight, pixel_weight), the target None when `target_factors` (rows, cols) stand for it."""
+    target, teacher, alpha, target_weight, pixel_weight = inputs
     blend = None
     if teacher is not None:
         blend = alpha if isinstance(alpha, torch.Tensor) else _constant_blend(float(alpha), pred)
     kept = (target, teacher, blend, target_weight, pixel_weight)
+    settings = (mse_weight, grad_weight, stencil, reduction, gradient_form, target_factors)
     try:
-        return _compute(backend, pred, *kept, mse_weight, grad_weight, stencil, reduction, gradient_form)
+        return _compute(backend, pred, *kept, *settings)
     except RuntimeError:
         # The backward keeps these inputs, and one made under torch.inference_mode cannot be
         # kept ("Inference tensors cannot be saved for backward"); its copy can. Asked only after
@@ -226,16 +310,20 @@ def heatmap_gradient_loss(
         if not any(tensor is not None and tensor.is_inference() for tensor in kept):
             raise
     copies = (tensor.clone() if tensor is not None and tensor.is_inference() else tensor for tensor in kept)
-    return _compute(backend, pred, *copies, mse_weight, grad_weight, stencil, reduction, gradient_form)
+    return _compute(backend, pred, *copies, *settings)
 
 
 def _compute(backend, pred, target, teacher, blend, target_weight, pixel_weight, mse_weight, grad_weight, stencil,
-             reduction, gradient_form):
+             reduction, gradient_form, target_factors):
     """The loss from the chosen backend, on checked arguments."""
     if backend != "reference":
+        rows, cols = target_factors or (None, None)
         return ops.fused_heatmap_loss(
-            backend, pred, target, teacher, blend, target_weight, mse_weight, grad_weight, stencil, reduction
+            backend, pred, target, teacher, blend, target_weight, mse_weight, grad_weight, stencil, reduction, rows,
+            cols,
         )
+    if target is None:
+        target = targets.materialise(*target_factors)
     dtype = contract.accumulation_dtype(pred)
     if blend is not None:
         blend = blend.detach().to(dtype)  # no gradient flows to alpha

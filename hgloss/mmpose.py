@@ -7,6 +7,11 @@ Importing this module registers, in ``mmpose.registry.MODELS``:
 | ``HGLossHeatmapGradientLoss`` | ``hgloss.HeatmapGradientLoss`` | ``(pred, target, target_weight=None, ...)`` |
 | ``HGLossKeypointMSELoss`` | ``hgloss.compat.KeypointMSELoss`` | ``(output, target, target_weights=None, mask=None)`` |
 | ``HGLossKeypointOHKMMSELoss`` | ``hgloss.compat.KeypointOHKMMSELoss`` | ``(output, target, target_weights)`` |
+| ``HGLossKeypointHeatmapLoss`` | ``hgloss.KeypointHeatmapLoss`` | ``(pred, keypoints, keypoint_weights=None, ...)`` |
+
+``HGLossKeypointHeatmapLoss`` takes (B, K, 2) keypoints in heatmap pixels instead of heatmaps, so
+it serves a head whose ``loss`` passes keypoints (mmpose's own ``HeatmapHead`` passes the
+codec's heatmaps); the data pipeline then needs no heatmap encoding.
 
 The names carry the ``HGLoss`` prefix so that none shadows a loss of mmpose's own. In an mmpose
 config::
@@ -27,10 +32,11 @@ except ImportError as error:  # mmpose missing, or mmpose 0.x (no mmpose.registr
     ) from error
 
 from .compat import KeypointMSELoss, KeypointOHKMMSELoss
-from .modules import HeatmapGradientLoss
+from .modules import HeatmapGradientLoss, KeypointHeatmapLoss
 
 REGISTERED = {
     "HGLossHeatmapGradientLoss": HeatmapGradientLoss,
+    "HGLossKeypointHeatmapLoss": KeypointHeatmapLoss,
     "HGLossKeypointMSELoss": KeypointMSELoss,
     "HGLossKeypointOHKMMSELoss": KeypointOHKMMSELoss,
 }

@@ -1,10 +1,11 @@
-"""nn.Module wrapper with the call order of HRNet's JointsMSELoss and mmpose's KeypointMSELoss."""
+"""nn.Module wrappers with the call order of HRNet's JointsMSELoss and mmpose's KeypointMSELoss."""
 
 import torch
 from torch import nn
 
+from . import targets
 from .contract import reduce_plane_losses
-from .functional import check_settings, heatmap_gradient_loss
+from .functional import check_settings, heatmap_gradient_loss, keypoint_heatmap_loss
 
 
 def hardest_mean(plane_losses: torch.Tensor, topk: int, name: str = "topk") -> torch.Tensor:
@@ -101,4 +102,66 @@ class HeatmapGradientLoss(nn.Module):
             f"mse_weight={self.mse_weight}, grad_weight={self.grad_weight}, stencil={self.stencil!r}, "
             f"use_target_weight={self.use_target_weight}, reduction={self.reduction!r}, "
             f"ohkm_topk={self.ohkm_topk}, backend={self.backend!r}, gradient_form={self.gradient_form!r}"
+        )
+
+
+class KeypointHeatmapLoss(nn.Module):
+    """The heatmap gradient loss with the Gaussian targets built from keypoints inside the loss.
+
+    See hgloss.keypoint_heatmap_loss. Called as ``loss(output, keypoints, keypoint_weights)``:
+    the data loader hands over (B, K, 2) keypoints in heatmap pixels instead of (B, K, H, W)
+    heatmaps.
+
+    Args:
+        sigma, encoding: the targets' Gaussian, as the codecs of hgloss.pose.codecs take them
+            (sigma in heatmap pixels; "msra" or "udp").
+        mse_weight, grad_weight, stencil, reduction, backend: as in hgloss.heatmap_gradient_loss;
+            checked here, so a bad value fails at construction rather than at the first call.
+
+    Example::
+
+        >>> criterion = hgloss.KeypointHeatmapLoss(sigma=2.0, grad_weight=0.1)
+        >>> loss = criterion(output, keypoints, keypoint_weights)
+    """
+
+    def __init__(
+        self,
+        sigma: float = 2.0,
+        encoding: str = "msra",
+        mse_weight: float = 1.0,
+        grad_weight: float = 1.0,
+        stencil: str = "forward",
+        reduction: str = "mean",
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.mse_weight, self.grad_weight = check_settings(
+            mse_weight=mse_weight, grad_weight=grad_weight, stencil=stencil, reduction=reduction, backend=backend
+        )
+        self.sigma = targets.check_sigma(sigma)
+        targets.check_encoding(encoding)
+        self.encoding = encoding
+        self.stencil = stencil
+        self.reduction = reduction
+        self.backend = backend
+
+    def forward(
+        self,
+        pred: torch.Tensor,
+        keypoints: torch.Tensor,
+        keypoint_weights: torch.Tensor | None = None,
+        teacher: torch.Tensor | None = None,
+        alpha: float | torch.Tensor = 0.5,
+    ) -> torch.Tensor:
+        return keypoint_heatmap_loss(
+            pred, keypoints, keypoint_weights, sigma=self.sigma, encoding=self.encoding, teacher=teacher, alpha=alpha,
+            mse_weight=self.mse_weight, grad_weight=self.grad_weight, stencil=self.stencil,
+            reduction=self.reduction, backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"sigma={self.sigma}, encoding={self.encoding!r}, mse_weight={self.mse_weight}, "
+            f"grad_weight={self.grad_weight}, stencil={self.stencil!r}, reduction={self.reduction!r}, "
+            f"backend={self.backend!r}"
         )

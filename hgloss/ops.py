@@ -46,6 +46,14 @@ def _fake_scale_gradient_(grad, scale):
     contract.check_scale_arguments(grad, scale)
 
 
+def _fake_gaussian_factors(keypoints, weights, height, width, sigma, encoding):
+    batch, joints = keypoints.shape[:2]
+    factors = keypoints.new_empty((batch, joints, height), dtype=torch.float64)
+    return factors, keypoints.new_empty((batch, joints, width), dtype=torch.float64), keypoints.new_empty(
+        (batch, joints), dtype=torch.float64
+    )
+
+
 @_build.constant_under_compile
 def load_cpp_operators() -> bool:
     """Whether hgloss::heatmap_loss is usable, loading (or building) the extension on the first
@@ -56,6 +64,7 @@ def load_cpp_operators() -> bool:
     if not _cpp_fakes_registered:
         torch.library.register_fake("hgloss::heatmap_loss")(contract.fake_heatmap_loss)
         torch.library.register_fake("hgloss::scale_gradient_")(_fake_scale_gradient_)
+        torch.library.register_fake("hgloss::gaussian_factors")(_fake_gaussian_factors)
         _cpp_fakes_registered = True
     return True
 
@@ -120,9 +129,9 @@ def is_traced(tensor: torch.Tensor) -> bool:
 
 
 def _triton_setup_context(ctx, inputs, output):
-    pred, target, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction, _ = inputs
+    pred, target, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction, _, rows, cols = inputs
     _, terms, grad = output
-    ctx.save_for_backward(grad, terms, pred, target, teacher, alpha, weight)
+    ctx.save_for_backward(grad, terms, pred, target, teacher, alpha, weight, rows, cols)
     ctx.settings = (mse_weight, grad_weight, stencil, reduction)
     ctx.gradient_consumed = False
     # terms and grad exist for the backward only: no gradient flows through them, and none is
@@ -134,12 +143,13 @@ def _triton_setup_context(ctx, inputs, output):
 def _triton_backward(ctx, grad_loss, _grad_of_terms, _grad_of_saved_gradient):
     if torch.is_grad_enabled():
         raise RuntimeError(DOUBLE_BACKWARD_MESSAGE)
-    grads = [None] * 10  # one per forward argument
+    grads = [None] * 12  # one per forward argument; none for the target's factors
     if grad_loss is None:
         return tuple(grads)
-    grad, terms, pred, target, teacher, alpha, weight = ctx.saved_tensors
+    grad, terms, pred, target, teacher, alpha, weight, rows, cols = ctx.saved_tensors
     mse_weight, grad_weight, stencil, reduction = ctx.settings
     needs_pred, needs_target, needs_teacher, _, needs_weight = ctx.needs_input_grad[:5]
+    needs_target = needs_target and target is not None
     upstream = grad_loss.to(terms.dtype)
 
     if needs_weight:
@@ -156,7 +166,7 @@ def _triton_backward(ctx, grad_loss, _grad_of_terms, _grad_of_saved_gradient):
         if ctx.gradient_consumed or grad.shape != pred.shape:
             # Consumed by an earlier backward, or never computed: one more forward pass.
             _, _, grad = torch.ops.hgloss.triton_heatmap_loss(
-                pred, target, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction, True
+                pred, target, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction, True, rows, cols
             )
         ctx.gradient_consumed = True
         _triton_backend.scale_gradient_(grad, upstream)
@@ -170,12 +180,27 @@ def _triton_backward(ctx, grad_loss, _grad_of_terms, _grad_of_saved_gradient):
     return tuple(grads)
 
 
-def fused_heatmap_loss(backend, pred, target, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction):
+def fused_heatmap_loss(
+    backend, pred, target, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction, target_rows=None,
+    target_cols=None,
+):
     """The loss from the operator of a fused backend, on checked arguments; `weight` is (B, K),
-    (B, K, 1), (B, K, 1, 1) or None and `alpha` a (B,) tensor, or None without a teacher."""
+    (B, K, 1), (B, K, 1, 1) or None and `alpha` a (B,) tensor, or None without a teacher. The
+    target is a tensor, or (target None) the separable factors of hgloss.targets."""
     compute_grad = torch.is_grad_enabled() and (
-        pred.requires_grad or target.requires_grad or (teacher is not None and teacher.requires_grad)
+        pred.requires_grad
+        or (target is not None and target.requires_grad)
+        or (teacher is not None and teacher.requires_grad)
     )
     operator = getattr(torch.ops.hgloss, OPERATOR_NAMES[backend])
-    loss, _, _ = operator(pred, target, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction, compute_grad)
+    if target is None:
+        loss, _, _ = operator(
+            pred, None, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction, compute_grad, target_rows,
+            target_cols,
+        )
+    else:
+        # The tensor form passes no factors: each argument costs a small call time.
+        loss, _, _ = operator(
+            pred, target, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction, compute_grad
+        )
     return loss

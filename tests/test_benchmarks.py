@@ -66,3 +66,21 @@ def test_train_step_benchmark_writes_csv_summary_and_plot(tmp_path):
     assert "| hg+teacher | **cpu** |" in result.stdout
     assert (tmp_path / "train_step.md").read_text().startswith("# Training step:")
     assert (tmp_path / "train_step.png").stat().st_size > 0
+
+
+def test_keypoint_targets_benchmark_writes_csv_summary_and_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    run_benchmark(
+        "bench_keypoint_targets.py", "--device", "cpu", "--batch", "2", "--teacher", "off,on", "--repeats", "2",
+        "--warmup", "1", "--workers", "0", "--loader-images", "4", "--loader-epochs", "1", "--out", str(tmp_path),
+    )
+    rows = read_csv(tmp_path / "bench_keypoint_targets.csv")
+    losses = {(row["teacher"], row["provider"]) for row in rows if row["part"] == "loss"}
+    assert losses == {(teacher, provider) for teacher in ("off", "on")
+                      for provider in ("fused", "materialised", "compile", "eager")}
+    loaders = {(row["workers"], row["targets"]) for row in rows if row["part"] == "loader"}
+    assert loaders == {("0", "heatmaps"), ("0", "keypoints")}
+    assert all(float(row["median_ms"] or row["samples_per_s"]) > 0 for row in rows)
+    summary = (tmp_path / "keypoint_targets.md").read_text()
+    assert "| 2 | on | fused | cpu |" in summary and "| 0 | keypoints |" in summary
+    assert (tmp_path / "keypoint_targets.png").is_file()

@@ -48,18 +48,24 @@ def variants():
     """(description, kernel, pointer dtypes, constexprs, warps, must not spill)."""
     for stencil in STENCILS:
         tile, warps = triton_backend.TILE_CONFIG[stencil]
-        for pred, grad, contiguous, wide, with_inputs in (
-            ("fp32", "fp32", True, False, True),
-            ("fp32", "fp32", False, False, True),
-            ("fp32", "fp32", False, True, True),
-            ("fp32", "fp32", True, False, False),
-            ("bf16", "bf16", True, False, True),
-            ("fp16", "fp32", True, False, True),
-            ("fp64", "fp64", True, False, True),
+        for pred, grad, contiguous, wide, with_inputs, separable in (
+            ("fp32", "fp32", True, False, True, False),
+            ("fp32", "fp32", False, False, True, False),
+            ("fp32", "fp32", False, True, True, False),
+            ("fp32", "fp32", True, False, False, False),
+            ("bf16", "bf16", True, False, True, False),
+            ("fp16", "fp32", True, False, True, False),
+            ("fp64", "fp64", True, False, True, False),
+            ("fp32", "fp32", True, False, True, True),
+            ("fp32", "fp32", True, False, False, True),
+            ("bf16", "bf16", True, False, True, True),
         ):
             accumulation = "fp64" if pred == "fp64" else "fp32"
+            # A separable target: no target tensor, float64 row and column factors.
+            target = {"target_ptr": None, "target_rows_ptr": "fp64", "target_cols_ptr": "fp64"} if separable else {
+                "target_ptr": pred, "target_rows_ptr": None, "target_cols_ptr": None}
             pointers = {
-                "pred_ptr": pred, "target_ptr": pred, "teacher_ptr": pred if with_inputs else None,
+                "pred_ptr": pred, **target, "teacher_ptr": pred if with_inputs else None,
                 "blend_ptr": accumulation if with_inputs else None, "weight_ptr": pred if with_inputs else None,
                 "partials_ptr": accumulation, "grad_ptr": grad,
             }
@@ -69,7 +75,7 @@ def variants():
                 DENSE=contiguous, WIDE=wide, PLANES=1, TILE=tile,
             )
             layout = ("contiguous" if contiguous else "strided") + (" int64" if wide else "")
-            extras = "teacher+weight" if with_inputs else "plain"
+            extras = ("teacher+weight" if with_inputs else "plain") + (" separable" if separable else "")
             description = f"tile {stencil} {pred} {layout} {extras}"
             yield description, triton_backend._plane_tile_kernel, pointers, constexprs, warps, accumulation == "fp32"
     for accumulation in ("fp32", "fp64"):

@@ -30,19 +30,22 @@ using torch::autograd::variable_list;
 
 using HeatmapLossResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
-HeatmapLossResult call_heatmap_loss(const at::Tensor& pred, const at::Tensor& target,
-                                    const std::optional<at::Tensor>& teacher, const std::optional<at::Tensor>& alpha,
-                                    const std::optional<at::Tensor>& weight, double mse_weight, double grad_weight,
-                                    c10::string_view stencil, c10::string_view reduction, bool compute_grad) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("hgloss::heatmap_loss", "")
-                             .typed<HeatmapLossResult(const at::Tensor&, const at::Tensor&,
-                                                      const std::optional<at::Tensor>&,
-                                                      const std::optional<at::Tensor>&,
-                                                      const std::optional<at::Tensor>&, double, double,
-                                                      c10::string_view, c10::string_view, bool)>();
+using OptionalTensor = std::optional<at::Tensor>;
+
+HeatmapLossResult call_heatmap_loss(const at::Tensor& pred, const OptionalTensor& target, const OptionalTensor& teacher,
+                                    const OptionalTensor& alpha, const OptionalTensor& weight, double mse_weight,
+                                    double grad_weight, c10::string_view stencil, c10::string_view reduction,
+                                    bool compute_grad, const OptionalTensor& target_rows,
+                                    const OptionalTensor& target_cols) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("hgloss::heatmap_loss", "")
+          .typed<HeatmapLossResult(const at::Tensor&, const OptionalTensor&, const OptionalTensor&,
+                                   const OptionalTensor&, const OptionalTensor&, double, double, c10::string_view,
+                                   c10::string_view, bool, const OptionalTensor&, const OptionalTensor&)>();
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  return op.call(pred, target, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction, compute_grad);
+  return op.call(pred, target, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction, compute_grad,
+                 target_rows, target_cols);
 }
 
 void call_scale_gradient_(const at::Tensor& grad, const at::Tensor& scale) {
@@ -65,14 +68,16 @@ std::optional<at::Tensor> optional_of(const at::Tensor& tensor) {
 
 class HeatmapLossFunction : public torch::autograd::Function<HeatmapLossFunction> {
  public:
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& pred, const at::Tensor& target,
-                               const std::optional<at::Tensor>& teacher, const std::optional<at::Tensor>& alpha,
-                               const std::optional<at::Tensor>& weight, double mse_weight, double grad_weight,
-                               c10::string_view stencil, c10::string_view reduction, bool compute_grad) {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& pred, const OptionalTensor& target,
+                               const OptionalTensor& teacher, const OptionalTensor& alpha, const OptionalTensor& weight,
+                               double mse_weight, double grad_weight, c10::string_view stencil,
+                               c10::string_view reduction, bool compute_grad, const OptionalTensor& target_rows,
+                               const OptionalTensor& target_cols) {
     auto [loss, terms, grad] = call_heatmap_loss(pred, target, teacher, alpha, weight, mse_weight, grad_weight,
-                                                 stencil, reduction, compute_grad);
-    ctx->save_for_backward({grad, terms, pred, target, teacher.value_or(at::Tensor()), alpha.value_or(at::Tensor()),
-                            weight.value_or(at::Tensor())});
+                                                 stencil, reduction, compute_grad, target_rows, target_cols);
+    ctx->save_for_backward({grad, terms, pred, target.value_or(at::Tensor()), teacher.value_or(at::Tensor()),
+                            alpha.value_or(at::Tensor()), weight.value_or(at::Tensor()),
+                            target_rows.value_or(at::Tensor()), target_cols.value_or(at::Tensor())});
     ctx->saved_data["mse_weight"] = mse_weight;
     ctx->saved_data["grad_weight"] = grad_weight;
     ctx->saved_data["stencil"] = std::string(stencil);
@@ -89,7 +94,7 @@ class HeatmapLossFunction : public torch::autograd::Function<HeatmapLossFunction
     TORCH_CHECK(!at::GradMode::is_enabled(),
                 "hgloss: double backward is not supported by the fused backends; "
                 "use backend='reference' for higher-order gradients");
-    variable_list grads(10);  // one per forward argument
+    variable_list grads(12);  // one per forward argument; none for the target's factors
     const at::Tensor& grad_loss = grad_outputs[0];
     if (!grad_loss.defined()) return grads;
     const variable_list saved = ctx->get_saved_variables();
@@ -99,9 +104,9 @@ class HeatmapLossFunction : public torch::autograd::Function<HeatmapLossFunction
     const bool mean = ctx->saved_data["reduction"].toStringRef() == "mean";
     const at::Tensor upstream = grad_loss.to(terms.scalar_type());
     // needs_input_grad counts the tensors passed, so absent optional ones shift the later ones.
-    const size_t teacher_edge = 2, alpha_edge = teacher_edge + teacher.defined();
+    const size_t teacher_edge = 1 + target.defined(), alpha_edge = teacher_edge + teacher.defined();
     const size_t weight_edge = alpha_edge + alpha.defined();
-    const bool needs_pred = ctx->needs_input_grad(0), needs_target = ctx->needs_input_grad(1);
+    const bool needs_pred = ctx->needs_input_grad(0), needs_target = target.defined() && ctx->needs_input_grad(1);
     const bool needs_teacher = teacher.defined() && ctx->needs_input_grad(teacher_edge);
     const bool needs_weight = weight.defined() && ctx->needs_input_grad(weight_edge);
 
@@ -132,11 +137,12 @@ class HeatmapLossFunction : public torch::autograd::Function<HeatmapLossFunction
     const at::Tensor& pred = saved[2];
     if (ctx->saved_data["gradient_consumed"].toBool() || grad.sizes() != pred.sizes()) {
       // Consumed by an earlier backward, or never computed: one more forward pass.
-      grad = std::get<2>(call_heatmap_loss(pred, saved[3], optional_of(saved[4]), optional_of(saved[5]),
+      grad = std::get<2>(call_heatmap_loss(pred, optional_of(saved[3]), optional_of(saved[4]), optional_of(saved[5]),
                                            optional_of(saved[6]), ctx->saved_data["mse_weight"].toDouble(),
                                            ctx->saved_data["grad_weight"].toDouble(),
                                            ctx->saved_data["stencil"].toStringRef(),
-                                           ctx->saved_data["reduction"].toStringRef(), true));
+                                           ctx->saved_data["reduction"].toStringRef(), true, optional_of(saved[7]),
+                                           optional_of(saved[8])));
     }
     ctx->saved_data["gradient_consumed"] = true;
     call_scale_gradient_(grad, upstream);
@@ -144,14 +150,14 @@ class HeatmapLossFunction : public torch::autograd::Function<HeatmapLossFunction
   }
 };
 
-HeatmapLossResult heatmap_loss_autograd(const at::Tensor& pred, const at::Tensor& target,
-                                        const std::optional<at::Tensor>& teacher,
-                                        const std::optional<at::Tensor>& alpha,
-                                        const std::optional<at::Tensor>& weight, double mse_weight,
-                                        double grad_weight, c10::string_view stencil, c10::string_view reduction,
-                                        bool compute_grad) {
-  const variable_list outputs = HeatmapLossFunction::apply(pred, target, teacher, alpha, weight, mse_weight,
-                                                           grad_weight, stencil, reduction, compute_grad);
+HeatmapLossResult heatmap_loss_autograd(const at::Tensor& pred, const OptionalTensor& target,
+                                        const OptionalTensor& teacher, const OptionalTensor& alpha,
+                                        const OptionalTensor& weight, double mse_weight, double grad_weight,
+                                        c10::string_view stencil, c10::string_view reduction, bool compute_grad,
+                                        const OptionalTensor& target_rows, const OptionalTensor& target_cols) {
+  const variable_list outputs =
+      HeatmapLossFunction::apply(pred, target, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction,
+                                 compute_grad, target_rows, target_cols);
   return {outputs[0], outputs[1], outputs[2]};
 }
 

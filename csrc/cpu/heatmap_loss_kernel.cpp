@@ -3,6 +3,8 @@
 // One thread owns one plane (b, k) at a time (at::parallel_for over the B*K planes) and stages it
 // in a private scratch the size of one plane: pass 1 builds D = P - ((1 - a) G + a S) and sums
 // D^2, pass 2 builds Ax and Ay, pass 3 sums their squares and gathers dL/dD through the adjoint.
+// G is read from the target tensor, or evaluated from its separable factors (float32 of
+// rows[i] * cols[j], hgloss/targets.py), in which case no target is read at all.
 // At 64x48 the scratch (D, Ax and Ay, 38 KiB in float32) stays in L2, so per
 // pixel the kernel reads P, G (and S) from memory once and writes dL/dD once; T, D and the
 // gradient maps never reach a full-size tensor. Sums run in a fixed order inside each plane and
@@ -84,7 +86,9 @@ acc_t sum_of_squares(const acc_t* x, int64_t n) {
 
 template <typename acc_t>
 struct PlaneProblem {
-  StridedInput pred, target, teacher;
+  StridedInput pred, target, teacher;  // target.data is null for a separable target
+  const double* target_rows = nullptr;  // (B*K, H) factors of a separable target, else null
+  const double* target_cols = nullptr;  // (B*K, W)
   bool has_teacher = false;
   const acc_t* alpha = nullptr;  // (B,), only with a teacher
   int64_t num_joints = 0, height = 0, width = 0;
@@ -143,12 +147,94 @@ acc_t load_difference_same_dtype(const PlaneProblem<acc_t>& p, int64_t b, int64_
   return sum_sq;
 }
 
+// G[i, j] of a separable target: the factors' product rounded to float32, as the codecs store it.
+template <typename acc_t>
+inline acc_t separable_target(double row_factor, double col_factor) {
+  return static_cast<acc_t>(static_cast<float>(row_factor * col_factor));
+}
+
+// diff[i * W + j] += scale * G[i, j] for a separable target, in the order scaled_plane adds a
+// float32 target tensor, so that both give the same bits.
+template <typename acc_t>
+void add_separable_target(const PlaneProblem<acc_t>& p, int64_t plane, acc_t scale, acc_t* diff) {
+  const int64_t H = p.height, W = p.width;
+  const double* rows = p.target_rows + plane * H;
+  const double* cols = p.target_cols + plane * W;
+  for (int64_t i = 0; i < H; ++i) {
+    const double row_factor = rows[i];
+    // A row outside the Gaussian's window adds scale * 0, which changes no value.
+    if (row_factor == 0) continue;
+    acc_t* dst = diff + i * W;
+#pragma omp simd
+    for (int64_t j = 0; j < W; ++j) dst[j] += scale * separable_target<acc_t>(row_factor, cols[j]);
+  }
+}
+
+// D = P - ((1 - a) G + a S) (D = P - G without a teacher) for a separable G and a pred (and
+// teacher) of one dtype, row by row; returns sum D^2. UnitStride: rows of pred (and teacher) are
+// contiguous, which lets the compiler vectorise the loads.
+template <typename acc_t, typename in_t, bool HasTeacher, bool UnitStride>
+acc_t load_difference_separable(const PlaneProblem<acc_t>& p, int64_t b, int64_t k, acc_t alpha, acc_t* diff) {
+  const int64_t H = p.height, W = p.width, plane = b * p.num_joints + k;
+  const in_t* pred = static_cast<const in_t*>(p.pred.data) + b * p.pred.stride_b + k * p.pred.stride_k;
+  const in_t* teacher =
+      HasTeacher ? static_cast<const in_t*>(p.teacher.data) + b * p.teacher.stride_b + k * p.teacher.stride_k : nullptr;
+  const double* rows = p.target_rows + plane * H;
+  const double* cols = p.target_cols + plane * W;
+  const acc_t target_scale = 1 - alpha;
+  const int64_t sp = UnitStride ? 1 : p.pred.stride_w, ss = UnitStride || !HasTeacher ? 1 : p.teacher.stride_w;
+  acc_t sum_sq = 0;
+  for (int64_t i = 0; i < H; ++i) {
+    const in_t* pred_row = pred + i * p.pred.stride_h;
+    const in_t* teacher_row = HasTeacher ? teacher + i * p.teacher.stride_h : nullptr;
+    const double row_factor = rows[i];
+    acc_t* dst = diff + i * W;
+    if (row_factor == 0) {
+      // Outside the Gaussian's window G = 0, and (1 - a) * 0 + a S = a S and P - 0 = P exactly,
+      // so skipping the target here gives the bits of the full expression.
+#pragma omp simd reduction(+ : sum_sq)
+      for (int64_t j = 0; j < W; ++j) {
+        if constexpr (HasTeacher) {
+          dst[j] = static_cast<acc_t>(pred_row[j * sp]) - alpha * static_cast<acc_t>(teacher_row[j * ss]);
+        } else {
+          dst[j] = static_cast<acc_t>(pred_row[j * sp]);
+        }
+        sum_sq += dst[j] * dst[j];
+      }
+      continue;
+    }
+#pragma omp simd reduction(+ : sum_sq)
+    for (int64_t j = 0; j < W; ++j) {
+      const acc_t target = separable_target<acc_t>(row_factor, cols[j]);
+      if constexpr (HasTeacher) {
+        dst[j] = static_cast<acc_t>(pred_row[j * sp]) -
+                 (target_scale * target + alpha * static_cast<acc_t>(teacher_row[j * ss]));
+      } else {
+        dst[j] = static_cast<acc_t>(pred_row[j * sp]) - target;
+      }
+      sum_sq += dst[j] * dst[j];
+    }
+  }
+  return sum_sq;
+}
+
+template <typename acc_t, typename in_t, bool HasTeacher>
+acc_t load_difference_separable(const PlaneProblem<acc_t>& p, int64_t b, int64_t k, acc_t alpha, acc_t* diff) {
+  const bool unit_stride = p.pred.stride_w == 1 && (!HasTeacher || p.teacher.stride_w == 1);
+  return unit_stride ? load_difference_separable<acc_t, in_t, HasTeacher, true>(p, b, k, alpha, diff)
+                     : load_difference_separable<acc_t, in_t, HasTeacher, false>(p, b, k, alpha, diff);
+}
+
 // The same for inputs of different dtypes: one converting pass per input, then the sum.
 template <typename acc_t>
 acc_t load_difference_mixed(const PlaneProblem<acc_t>& p, int64_t b, int64_t k, acc_t alpha, acc_t* diff) {
   const int64_t H = p.height, W = p.width;
   scaled_plane<acc_t>(p.pred, b, k, H, W, acc_t(1), false, diff);
-  scaled_plane<acc_t>(p.target, b, k, H, W, alpha - acc_t(1), true, diff);
+  if (p.target_rows != nullptr) {
+    add_separable_target(p, b * p.num_joints + k, alpha - acc_t(1), diff);
+  } else {
+    scaled_plane<acc_t>(p.target, b, k, H, W, alpha - acc_t(1), true, diff);
+  }
   if (p.has_teacher) scaled_plane<acc_t>(p.teacher, b, k, H, W, -alpha, true, diff);
   return sum_of_squares(diff, H * W);
 }
@@ -234,8 +320,13 @@ void plane_loss(const PlaneProblem<acc_t>& p, int64_t plane, bool same_dtype, Pl
   acc_t sum_d2 = 0;
   if (same_dtype) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.pred.dtype, "hgloss_load_difference", [&] {
-      sum_d2 = p.has_teacher ? load_difference_same_dtype<acc_t, scalar_t, true>(p, b, k, alpha, diff)
-                             : load_difference_same_dtype<acc_t, scalar_t, false>(p, b, k, alpha, diff);
+      if (p.target_rows != nullptr) {
+        sum_d2 = p.has_teacher ? load_difference_separable<acc_t, scalar_t, true>(p, b, k, alpha, diff)
+                               : load_difference_separable<acc_t, scalar_t, false>(p, b, k, alpha, diff);
+      } else {
+        sum_d2 = p.has_teacher ? load_difference_same_dtype<acc_t, scalar_t, true>(p, b, k, alpha, diff)
+                               : load_difference_same_dtype<acc_t, scalar_t, false>(p, b, k, alpha, diff);
+      }
     });
   } else {
     sum_d2 = load_difference_mixed<acc_t>(p, b, k, alpha, diff);
@@ -278,7 +369,10 @@ template <typename acc_t, Stencil S>
 void run_planes(const PlaneProblem<acc_t>& problem, int64_t num_planes) {
   const int64_t plane_size = problem.height * problem.width;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(plane_size, 1));
-  const bool same_dtype = problem.target.dtype == problem.pred.dtype &&
+  // A separable target counts as float32, the dtype its values are rounded to, so that a plane
+  // takes the same path (and gives the same bits) as with the codecs' float32 target tensor.
+  const at::ScalarType target_dtype = problem.target_rows != nullptr ? at::kFloat : problem.target.dtype;
+  const bool same_dtype = target_dtype == problem.pred.dtype &&
                           (!problem.has_teacher || problem.teacher.dtype == problem.pred.dtype);
   at::parallel_for(0, num_planes, grain, [&](int64_t begin, int64_t end) {
     PlaneScratch<acc_t> scratch(problem.height, problem.width);
@@ -287,11 +381,12 @@ void run_planes(const PlaneProblem<acc_t>& problem, int64_t num_planes) {
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> heatmap_loss_cpu(
-    const at::Tensor& pred, const at::Tensor& target, const std::optional<at::Tensor>& teacher,
+    const at::Tensor& pred, const std::optional<at::Tensor>& target, const std::optional<at::Tensor>& teacher,
     const std::optional<at::Tensor>& alpha, const std::optional<at::Tensor>& weight,
     double mse_weight, double grad_weight, c10::string_view stencil, c10::string_view reduction,
-    bool compute_grad) {
-  check_heatmap_loss_arguments(pred, target, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction);
+    bool compute_grad, const std::optional<at::Tensor>& target_rows, const std::optional<at::Tensor>& target_cols) {
+  check_heatmap_loss_arguments(pred, target, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction,
+                               target_rows, target_cols);
   HeatmapLossOutputs out = prepare_heatmap_loss(pred, alpha, weight, stencil, reduction, compute_grad);
   const int64_t B = pred.size(0), K = pred.size(1), H = pred.size(2), W = pred.size(3);
   const bool has_teacher = teacher.has_value();
@@ -299,7 +394,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> heatmap_loss_cpu(
     AT_DISPATCH_FLOATING_TYPES(out.acc_type, "hgloss_heatmap_loss_cpu", [&] {
       PlaneProblem<scalar_t> problem;
       problem.pred = StridedInput::of(pred);
-      problem.target = StridedInput::of(target);
+      if (target.has_value()) {
+        problem.target = StridedInput::of(*target);
+      } else {
+        problem.target_rows = target_rows->data_ptr<double>();
+        problem.target_cols = target_cols->data_ptr<double>();
+      }
       problem.has_teacher = has_teacher;
       if (has_teacher) {
         problem.teacher = StridedInput::of(*teacher);

@@ -28,17 +28,24 @@ cuda::InputView view_of(const at::Tensor& tensor) {
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> heatmap_loss_cuda(
-    const at::Tensor& pred, const at::Tensor& target, const std::optional<at::Tensor>& teacher,
+    const at::Tensor& pred, const std::optional<at::Tensor>& target, const std::optional<at::Tensor>& teacher,
     const std::optional<at::Tensor>& alpha, const std::optional<at::Tensor>& weight, double mse_weight,
-    double grad_weight, c10::string_view stencil, c10::string_view reduction, bool compute_grad) {
+    double grad_weight, c10::string_view stencil, c10::string_view reduction, bool compute_grad,
+    const std::optional<at::Tensor>& target_rows, const std::optional<at::Tensor>& target_cols) {
   // Checked before the guard, which needs pred on a CUDA device.
-  check_heatmap_loss_arguments(pred, target, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction);
+  check_heatmap_loss_arguments(pred, target, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction,
+                               target_rows, target_cols);
   const c10::cuda::CUDAGuard device_guard(pred.device());
   HeatmapLossOutputs out = prepare_heatmap_loss(pred, alpha, weight, stencil, reduction, compute_grad);
 
   cuda::LossProblem problem;
   problem.pred = view_of(pred);
-  problem.target = view_of(target);
+  if (target.has_value()) {
+    problem.target = view_of(*target);
+  } else {  // separable: the checks made both factors contiguous float64 on pred's device
+    problem.target_rows = target_rows->data_ptr<double>();
+    problem.target_cols = target_cols->data_ptr<double>();
+  }
   if (teacher.has_value()) {
     problem.teacher = view_of(*teacher);
     problem.alpha = out.alpha.data_ptr();

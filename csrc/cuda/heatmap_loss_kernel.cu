@@ -170,11 +170,12 @@ cudaError_t plan_heatmap_loss(const LossProblem& problem, LossPlan* plan) {
   const int64_t tile_bytes = std::min<int64_t>(per_block, per_multiprocessor / 6) - kSharedReserve;
   plan->tiles = plan_tiles(problem.height, problem.width, value_bytes, whole_plane_bytes, tile_bytes);
 
-  const bool same_type = problem.target.dtype == problem.pred.dtype &&
-                         (problem.teacher.data == nullptr || problem.teacher.dtype == problem.pred.dtype);
+  // A separable target's factors are read one at a time, so they need no alignment: its planes are
+  // vectorised exactly when those of a contiguous float32 target would be, and give the same bits.
   const int64_t grad_alignment = kVector * dtype_bytes(problem.grad_dtype);
-  plan->vectorized = plan->tiles.whole_plane() && same_type && (problem.height * problem.width) % kVector == 0 &&
-                     vector_readable(problem.pred, problem) && vector_readable(problem.target, problem) &&
+  plan->vectorized = plan->tiles.whole_plane() && same_type_inputs(problem) &&
+                     (problem.height * problem.width) % kVector == 0 && vector_readable(problem.pred, problem) &&
+                     (problem.separable_target() || vector_readable(problem.target, problem)) &&
                      (problem.teacher.data == nullptr || vector_readable(problem.teacher, problem)) &&
                      reinterpret_cast<uintptr_t>(problem.grad) % static_cast<uintptr_t>(grad_alignment) == 0;
   plan->workspace_bytes = plan->tiles.whole_plane() ? 0 : problem.planes() * plan->tiles.tiles() * 2 * value_bytes;

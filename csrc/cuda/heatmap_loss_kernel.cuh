@@ -10,7 +10,9 @@
 //   3. dL/dD = c w (2 mu/(H W) D + 2 lambda/(Nx+Ny) (Ax^T Ax + Ay^T Ay) D) over the tile,
 //      gathered through the adjoint taps of stencil.h, written once.
 // Per pixel the kernel reads P, G (and S) from global memory once, plus the halo for tiled
-// planes, and writes dL/dD once; T, D, Ax and Ay only ever live in shared memory. The tile's sums
+// planes, and writes dL/dD once; T, D, Ax and Ay only ever live in shared memory. A separable
+// target has no G to read: phase 1 evaluates G[i, j] = float32(rows[i] * cols[j]) from the plane's
+// H + W float64 factors, which stay in cache, so per pixel only P (and S) are read. The tile's sums
 // are reduced in a fixed order inside the block. A whole-plane block writes the plane's terms
 // directly; tiles write their partial sums, which finish_kernel adds in tile order. Nothing uses
 // floating-point atomics, so results are bit-identical run to run.
@@ -97,8 +99,10 @@ struct MixedTypeInputs {
 template <typename acc_t>
 struct LossKernelArgs {
   InputView pred, target, teacher;
-  const acc_t* alpha;   // (B,), with a teacher
-  const acc_t* weight;  // (B*K,) or null
+  const double* target_rows;  // (B*K, H) factors of a separable target, else null
+  const double* target_cols;  // (B*K, W)
+  const acc_t* alpha;         // (B,), with a teacher
+  const acc_t* weight;        // (B*K,) or null
   int64_t joints, height, width;
   acc_t value_scale;  // mse_weight / (H W)
   acc_t map_scale;    // grad_weight / (Nx + Ny), 0 when Nx + Ny = 0
@@ -108,6 +112,84 @@ struct LossKernelArgs {
   acc_t* plane_losses;
   acc_t* partials;  // (B*K*tiles, 2) sums of D^2 and of Ax^2 + Ay^2 per tile, when tiled
   TilePlan plan;
+};
+
+// Where phase 1 gets G: the kernel's Target, one of the two policies below. A template parameter
+// rather than a branch, so that the kernels of a target tensor stay as they were. at(row, col)
+// serves the strided path; vector_at(n) gives the vectorised path pixels n .. n + kVector - 1 of
+// a whole plane, as values that to_acc converts, and kUnroll is how many of its steps that path
+// interleaves within the register budget of __launch_bounds__.
+
+// G read from the target tensor, through the inputs' loads.
+template <class Inputs>
+struct TensorTarget {
+  using acc_t = typename Inputs::acc_t;
+  static constexpr int kUnroll = 2;  // two steps' 16-byte loads in flight
+  const InputView& view;
+  int64_t base;       // offset of plane (b, k), for at
+  const void* plane;  // its first element, for vector_at; null for inputs of mixed types
+
+  __device__ TensorTarget(const LossKernelArgs<acc_t>& args, int64_t b, int64_t k)
+      : view(args.target), base(b * view.stride_b + k * view.stride_k), plane(plane_start(view, b, k)) {}
+
+  __device__ acc_t at(int64_t row, int64_t col) const {
+    return Inputs::load(view, base + row * view.stride_h + col * view.stride_w);
+  }
+
+  __device__ auto vector_at(int n) const {
+    using in_t = typename Inputs::storage_t;
+    return *reinterpret_cast<const Packed<in_t, kVector>*>(static_cast<const in_t*>(plane) + n);
+  }
+
+ private:
+  __device__ static const void* plane_start(const InputView& view, int64_t b, int64_t k) {
+    if constexpr (Inputs::kVectorizable) {
+      return static_cast<const typename Inputs::storage_t*>(view.data) + b * view.stride_b + k * view.stride_k;
+    } else {
+      return nullptr;  // inputs of mixed types are never read vectorised
+    }
+  }
+};
+
+// G of a separable target, evaluated from the plane's factors: no target tensor is read. The
+// product is taken in double and rounded to float32, as the pose codecs store their heatmaps;
+// handing out these float32 values lets every path convert them exactly as it converts a float32
+// target tensor, so that both give the same bits.
+template <class Inputs>
+struct SeparableTarget {
+  using acc_t = typename Inputs::acc_t;
+  static constexpr int kUnroll = 1;  // eight float64 loads a step already; two steps would spill
+  const double* rows;                // the plane's H row factors
+  const double* cols;                // its W column factors
+  int width;
+
+  __device__ SeparableTarget(const LossKernelArgs<acc_t>& args, int64_t b, int64_t k)
+      : rows(args.target_rows + (b * args.joints + k) * args.height),
+        cols(args.target_cols + (b * args.joints + k) * args.width),
+        width(static_cast<int>(args.width)) {}
+
+  __device__ acc_t at(int64_t row, int64_t col) const { return to_acc<acc_t>(product(rows[row], cols[col])); }
+
+  // Only the plane's size is a multiple of kVector, so the pixels may wrap a row (or several, in
+  // a plane narrower than kVector). One division per kVector pixels.
+  __device__ Packed<float, kVector> vector_at(int n) const {
+    int row = n / width, col = n - row * width;
+    Packed<float, kVector> g;
+#pragma unroll
+    for (int e = 0; e < kVector; ++e) {
+      g.values[e] = product(rows[row], cols[col]);
+      if (++col == width) {
+        col = 0;
+        ++row;
+      }
+    }
+    return g;
+  }
+
+ private:
+  __device__ static float product(double row_factor, double col_factor) {
+    return static_cast<float>(row_factor * col_factor);
+  }
 };
 
 // Calls visit(row, col) for the cells of a rows x cols block that this thread owns: cells
@@ -178,13 +260,13 @@ struct LocalRange {
 };
 
 // Phase 1 on any layout: D over the staged region, element by element through the strides.
-template <class Inputs, bool HasTeacher>
+template <class Inputs, template <class> class Target, bool HasTeacher>
 __device__ typename Inputs::acc_t stage_difference(const LossKernelArgs<typename Inputs::acc_t>& args,
                                                    const TileGeometry& tile, int64_t b, int64_t k,
                                                    typename Inputs::acc_t alpha, typename Inputs::acc_t* diff) {
   using acc_t = typename Inputs::acc_t;
   const int64_t pred_base = b * args.pred.stride_b + k * args.pred.stride_k;
-  const int64_t target_base = b * args.target.stride_b + k * args.target.stride_k;
+  const Target<Inputs> target(args, b, k);
   const int64_t teacher_base = HasTeacher ? b * args.teacher.stride_b + k * args.teacher.stride_k : 0;
   const LocalRange owned(ValidRange{tile.row0, tile.row0 + tile.rows, tile.col0, tile.col0 + tile.cols}, tile.diff_row0,
                          tile.diff_col0, tile.diff_rows, tile.diff_cols);
@@ -192,8 +274,7 @@ __device__ typename Inputs::acc_t stage_difference(const LossKernelArgs<typename
   for_each_cell(tile.diff_rows, tile.diff_cols, threadIdx.x, kThreads, [&](int r, int c) {
     const int64_t row = tile.diff_row0 + r, col = tile.diff_col0 + c;
     const acc_t pred = Inputs::load(args.pred, pred_base + row * args.pred.stride_h + col * args.pred.stride_w);
-    acc_t soft_target =
-        Inputs::load(args.target, target_base + row * args.target.stride_h + col * args.target.stride_w);
+    acc_t soft_target = target.at(row, col);
     if constexpr (HasTeacher) {
       const acc_t teacher =
           Inputs::load(args.teacher, teacher_base + row * args.teacher.stride_h + col * args.teacher.stride_w);
@@ -207,7 +288,7 @@ __device__ typename Inputs::acc_t stage_difference(const LossKernelArgs<typename
 }
 
 // Phase 1 on a whole contiguous plane whose base is aligned: kVector pixels per load.
-template <class Inputs, bool HasTeacher>
+template <class Inputs, template <class> class Target, bool HasTeacher>
 __device__ typename Inputs::acc_t stage_difference_vectorized(const LossKernelArgs<typename Inputs::acc_t>& args,
                                                               int64_t b, int64_t k, typename Inputs::acc_t alpha,
                                                               typename Inputs::acc_t* diff) {
@@ -216,16 +297,16 @@ __device__ typename Inputs::acc_t stage_difference_vectorized(const LossKernelAr
   using Vec = Packed<in_t, kVector>;
   const int size = static_cast<int>(args.height * args.width);
   const in_t* pred = static_cast<const in_t*>(args.pred.data) + b * args.pred.stride_b + k * args.pred.stride_k;
-  const in_t* target =
-      static_cast<const in_t*>(args.target.data) + b * args.target.stride_b + k * args.target.stride_k;
+  const Target<Inputs> target(args, b, k);
   const in_t* teacher =
       HasTeacher ? static_cast<const in_t*>(args.teacher.data) + b * args.teacher.stride_b + k * args.teacher.stride_k
                  : nullptr;
   acc_t sum_d2 = 0;
-#pragma unroll 2
+  constexpr int kUnroll = Target<Inputs>::kUnroll;
+#pragma unroll kUnroll
   for (int n = threadIdx.x * kVector; n < size; n += kThreads * kVector) {
     const Vec p = *reinterpret_cast<const Vec*>(pred + n);
-    const Vec g = *reinterpret_cast<const Vec*>(target + n);
+    const auto g = target.vector_at(n);
     Vec s;
     if constexpr (HasTeacher) s = *reinterpret_cast<const Vec*>(teacher + n);
     Packed<acc_t, kVector> d;
@@ -291,7 +372,7 @@ __device__ __forceinline__ acc_t gradient_at(const TileGeometry& tile, int diff_
   return value_coef * diff[diff_origin + r * tile.diff_cols + c] + map_coef * back;
 }
 
-template <Stencil S, class Inputs, typename out_t, bool Vectorized>
+template <Stencil S, class Inputs, template <class> class Target, typename out_t, bool Vectorized>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerMultiprocessor) heatmap_loss_kernel(const LossKernelArgs<typename Inputs::acc_t> args) {
   using acc_t = typename Inputs::acc_t;
   extern __shared__ __align__(16) unsigned char shared_bytes[];
@@ -311,11 +392,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerMultiprocessor) heatmap
 
   acc_t sum_d2;
   if constexpr (Vectorized) {
-    sum_d2 = has_teacher ? stage_difference_vectorized<Inputs, true>(args, b, k, alpha, diff)
-                         : stage_difference_vectorized<Inputs, false>(args, b, k, alpha, diff);
+    sum_d2 = has_teacher ? stage_difference_vectorized<Inputs, Target, true>(args, b, k, alpha, diff)
+                         : stage_difference_vectorized<Inputs, Target, false>(args, b, k, alpha, diff);
   } else {
-    sum_d2 = has_teacher ? stage_difference<Inputs, true>(args, tile, b, k, alpha, diff)
-                         : stage_difference<Inputs, false>(args, tile, b, k, alpha, diff);
+    sum_d2 = has_teacher ? stage_difference<Inputs, Target, true>(args, tile, b, k, alpha, diff)
+                         : stage_difference<Inputs, Target, false>(args, tile, b, k, alpha, diff);
   }
   __syncthreads();
   acc_t sum_map2 = stage_gradient_maps<S>(tile, height, width, diff, map_x, map_y);
@@ -379,7 +460,7 @@ void plane_scales(const LossProblem& problem, acc_t* value_scale, acc_t* map_sca
   *map_scale = grad_count > 0 ? static_cast<acc_t>(problem.grad_weight) / static_cast<acc_t>(grad_count) : acc_t(0);
 }
 
-template <Stencil S, class Inputs, typename out_t>
+template <Stencil S, class Inputs, template <class> class Target, typename out_t>
 cudaError_t launch_loss_kernel(const LossProblem& problem, const LossPlan& plan, void* partials,
                                cudaStream_t stream) {
   using acc_t = typename Inputs::acc_t;
@@ -387,6 +468,8 @@ cudaError_t launch_loss_kernel(const LossProblem& problem, const LossPlan& plan,
   args.pred = problem.pred;
   args.target = problem.target;
   args.teacher = problem.teacher;
+  args.target_rows = problem.target_rows;
+  args.target_cols = problem.target_cols;
   args.alpha = static_cast<const acc_t*>(problem.alpha);
   args.weight = static_cast<const acc_t*>(problem.weight);
   args.joints = problem.joints;
@@ -403,9 +486,9 @@ cudaError_t launch_loss_kernel(const LossProblem& problem, const LossPlan& plan,
 
   const int64_t blocks = problem.planes() * plan.tiles.tiles();
   if (blocks > INT_MAX) return cudaErrorInvalidConfiguration;
-  void (*kernel)(LossKernelArgs<acc_t>) = heatmap_loss_kernel<S, Inputs, out_t, false>;
+  void (*kernel)(LossKernelArgs<acc_t>) = heatmap_loss_kernel<S, Inputs, Target, out_t, false>;
   if constexpr (Inputs::kVectorizable) {
-    if (plan.vectorized) kernel = heatmap_loss_kernel<S, Inputs, out_t, true>;
+    if (plan.vectorized) kernel = heatmap_loss_kernel<S, Inputs, Target, out_t, true>;
   }
   const size_t shared = static_cast<size_t>(plan.tiles.shared_bytes);
   if (shared > 48 * 1024) {
@@ -417,29 +500,53 @@ cudaError_t launch_loss_kernel(const LossProblem& problem, const LossPlan& plan,
   return cudaGetLastError();
 }
 
+// Whether pred, the target and the teacher share one storage type, which the kernel then loads
+// typed (and, on whole aligned planes, vectorised). plan_heatmap_loss and launch_loss_tiles agree.
+inline bool same_type_inputs(const LossProblem& problem) {
+  const DType pred = problem.pred.dtype;
+  return problem.target_dtype() == pred && (problem.teacher.data == nullptr || problem.teacher.dtype == pred);
+}
+
+// The kernels for inputs of different storage types: the accumulation and gradient dtypes follow pred.
+template <Stencil S, template <class> class Target>
+cudaError_t launch_mixed_type(const LossProblem& problem, const LossPlan& plan, void* partials, cudaStream_t stream) {
+  switch (problem.pred.dtype) {
+    case DType::Double:
+      return launch_loss_kernel<S, MixedTypeInputs<double>, Target, double>(problem, plan, partials, stream);
+    case DType::BFloat16:
+      return launch_loss_kernel<S, MixedTypeInputs<float>, Target, __nv_bfloat16>(problem, plan, partials, stream);
+    default: return launch_loss_kernel<S, MixedTypeInputs<float>, Target, float>(problem, plan, partials, stream);
+  }
+}
+
 // Launches the loss kernel for stencil S on every tile of every plane, picking the kernel for the
-// inputs' dtypes. Instantiated once per stencil, in heatmap_loss_<stencil>.cu, so that the three
-// compile in parallel.
+// inputs' dtypes and the target's form. Instantiated once per stencil, in heatmap_loss_<stencil>.cu,
+// so that the three compile in parallel.
 template <Stencil S>
 cudaError_t launch_loss_tiles(const LossProblem& problem, const LossPlan& plan, void* partials, cudaStream_t stream) {
-  const DType pred = problem.pred.dtype;
-  const bool same_type = problem.target.dtype == pred && (problem.teacher.data == nullptr || problem.teacher.dtype == pred);
+  const bool same_type = same_type_inputs(problem);
+  if (problem.separable_target()) {
+    // Its values are float32 (LossProblem::target_dtype): only a float32 pred (and teacher) shares their type.
+    if (!same_type) return launch_mixed_type<S, SeparableTarget>(problem, plan, partials, stream);
+    return launch_loss_kernel<S, SameTypeInputs<float, float>, SeparableTarget, float>(problem, plan, partials, stream);
+  }
   if (same_type) {
-    switch (pred) {
-      case DType::Half: return launch_loss_kernel<S, SameTypeInputs<__half, float>, float>(problem, plan, partials, stream);
+    switch (problem.pred.dtype) {
+      case DType::Half:
+        return launch_loss_kernel<S, SameTypeInputs<__half, float>, TensorTarget, float>(problem, plan, partials,
+                                                                                         stream);
       case DType::BFloat16:
-        return launch_loss_kernel<S, SameTypeInputs<__nv_bfloat16, float>, __nv_bfloat16>(problem, plan, partials, stream);
-      case DType::Float: return launch_loss_kernel<S, SameTypeInputs<float, float>, float>(problem, plan, partials, stream);
+        return launch_loss_kernel<S, SameTypeInputs<__nv_bfloat16, float>, TensorTarget, __nv_bfloat16>(
+            problem, plan, partials, stream);
+      case DType::Float:
+        return launch_loss_kernel<S, SameTypeInputs<float, float>, TensorTarget, float>(problem, plan, partials,
+                                                                                        stream);
       case DType::Double:
-        return launch_loss_kernel<S, SameTypeInputs<double, double>, double>(problem, plan, partials, stream);
+        return launch_loss_kernel<S, SameTypeInputs<double, double>, TensorTarget, double>(problem, plan, partials,
+                                                                                           stream);
     }
   }
-  switch (pred) {
-    case DType::Double: return launch_loss_kernel<S, MixedTypeInputs<double>, double>(problem, plan, partials, stream);
-    case DType::BFloat16:
-      return launch_loss_kernel<S, MixedTypeInputs<float>, __nv_bfloat16>(problem, plan, partials, stream);
-    default: return launch_loss_kernel<S, MixedTypeInputs<float>, float>(problem, plan, partials, stream);
-  }
+  return launch_mixed_type<S, TensorTarget>(problem, plan, partials, stream);
 }
 
 }  // namespace cuda

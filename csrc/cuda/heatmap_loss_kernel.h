@@ -24,11 +24,16 @@ struct InputView {
 };
 
 // One evaluation of the loss of docs/spec.md section 1. Every per-plane array is in the accumulation
-// dtype: double for a double pred, else float.
+// dtype: double for a double pred, else float. The target is a tensor, or separable: G[i, j] =
+// float32(target_rows[i] * target_cols[j]) per plane, the product taken in double and rounded to
+// float32 as the pose codecs store it (hgloss/targets.py); the kernels then read only the factors.
 struct LossProblem {
-  InputView pred, target, teacher;  // teacher.data is null without a teacher
-  const void* alpha = nullptr;      // (B,), with a teacher
-  const void* weight = nullptr;     // (B*K,) target weights, or null for 1
+  // target.data is null for a separable target, teacher.data without a teacher.
+  InputView pred, target, teacher;
+  const double* target_rows = nullptr;  // contiguous (B*K, H) row factors of a separable target, else null
+  const double* target_cols = nullptr;  // contiguous (B*K, W) column factors, with target_rows
+  const void* alpha = nullptr;          // (B,), with a teacher
+  const void* weight = nullptr;         // (B*K,) target weights, or null for 1
   int64_t batch = 0, joints = 0, height = 0, width = 0;
   double mse_weight = 1, grad_weight = 1;
   Stencil stencil = Stencil::Forward;
@@ -40,6 +45,10 @@ struct LossProblem {
   void* loss = nullptr;          // the 0-dim sum or mean; null for Reduction::None
 
   bool accumulates_in_double() const { return pred.dtype == DType::Double; }
+  bool separable_target() const { return target_rows != nullptr; }
+  // A separable target's values are float32, so it counts as a float32 target when the kernels
+  // pick between their same-dtype and mixed-dtype paths: the bits match a float32 target tensor's.
+  DType target_dtype() const { return separable_target() ? DType::Float : target.dtype; }
   int64_t planes() const { return batch * joints; }
 };
 

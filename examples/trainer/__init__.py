@@ -13,6 +13,10 @@ Losses (`loss`):
     hg     the heatmap gradient loss: MSE plus grad_weight x the MSE of the gradient maps
     hg+sd  the same with self-distillation soft targets (`distill`: replay or snapshot)
 
+With `fused_targets` (the default) the data loader hands the loss keypoints instead of heatmaps,
+and the loss paints the codec's Gaussians itself (hgloss.keypoint_heatmap_loss): the same loss,
+without the loader's painting.
+
 Under torchrun the trainer runs DistributedDataParallel (gloo on CPU, nccl on GPU): each rank
 trains on its shard, the validation predictions are gathered on rank 0, and rank 0 alone logs,
 plots and writes checkpoints.

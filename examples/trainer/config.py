@@ -29,7 +29,7 @@ LOSSES = ("mse", "hg", "hg+sd")
 RESUMABLE_CHANGES = frozenset({
     "epochs", "eval_every", "log_every", "progress", "workers", "out", "device", "backend", "flip_test", "decode",
     "data_root", "train_images", "train_annotations", "val_images", "val_annotations", "val_detections",
-    "mpii_head_boxes", "cache_images",
+    "mpii_head_boxes", "cache_images", "fused_targets",
 })  # fmt: skip
 
 
@@ -93,6 +93,10 @@ class TrainConfig:
                                   choices=("components", "magnitude"))
     grad_start_epoch: int = _setting(0, "epoch (0-based) from which the gradient term is on", minimum=0)
     backend: str = _setting("auto", "loss backend", choices=("auto",) + functional.BACKENDS)
+    fused_targets: bool = _setting(True, "build the Gaussian targets inside the loss from keypoints "
+                                         "(hgloss.keypoint_heatmap_loss) instead of painting heatmaps in the "
+                                         "data loader: the same loss, less loader work; with gradient_form "
+                                         "magnitude, which needs heatmaps, the loader paints them anyway")
     distill: str = _setting("replay", "self-distillation teacher: replay (the bank of earlier predictions) or "
                                       "snapshot (an earlier copy of the model)", choices=("replay", "snapshot"))
     alpha: float = _setting(0.5, "weight of the teacher in the blended target", minimum=0.0, maximum=1.0)
@@ -131,6 +135,12 @@ class TrainConfig:
         if self.amp != "none" and device.type != "cuda":
             raise ConfigError(f"amp={self.amp!r} needs a CUDA device")
         self._check_with_the_library(device)
+
+    @property
+    def targets_in_loss(self) -> bool:
+        """Whether the loss paints the targets from keypoints: fused_targets, where the loss can
+        (the magnitude gradient form is computed from heatmap targets only)."""
+        return self.fused_targets and self.gradient_form == "components"
 
     def _device(self) -> torch.device:
         if self.device == "auto":

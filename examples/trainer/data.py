@@ -72,21 +72,23 @@ def build_codec(config: TrainConfig):
 
 
 def build_datasets(config: TrainConfig, split: DataSplit, codec) -> tuple[datasets.TopDownDataset, datasets.TopDownDataset]:
-    """(train set, augmented when configured; val set, never augmented)."""
+    """(train set, augmented when configured; val set, never augmented), both with keypoint targets
+    when the loss paints the heatmaps (config.targets_in_loss), else with heatmaps."""
     augmentation = datasets.Augmentation() if config.augment else None
+    targets = "keypoints" if config.targets_in_loss else "heatmaps"
     train = datasets.TopDownDataset(split.train, codec, augmentation, split.flip_pairs, split.upper_body,
-                                    config.cache_images)
-    val = datasets.TopDownDataset(split.val, codec, None, split.flip_pairs, split.upper_body, config.cache_images)
+                                    config.cache_images, targets)
+    val = datasets.TopDownDataset(split.val, codec, None, split.flip_pairs, split.upper_body, config.cache_images,
+                                  targets)
     return train, val
 
 
 @dataclass
 class Batch:
-    """A collated batch of TopDownDataset samples."""
+    """A collated batch of TopDownDataset samples: with heatmap targets (target, target_weight) or
+    with keypoint targets (keypoints, keypoint_weight), as the dataset's `targets` says."""
 
     image: torch.Tensor  # (B, 3, h, w) normalised crops
-    target: torch.Tensor  # (B, K, H, W) heatmaps
-    target_weight: torch.Tensor  # (B, K)
     index: torch.Tensor  # (B,) sample indices: the keys of replay distillation
     replayed: torch.Tensor  # (B,) bool
     center: torch.Tensor  # (B, 2) box centres, image pixels
@@ -95,13 +97,25 @@ class Batch:
     score: torch.Tensor  # box scores
     area: torch.Tensor
     joints: torch.Tensor  # (B, K, 3) ground truth in image pixels
+    target: torch.Tensor | None = None  # (B, K, H, W) heatmaps
+    target_weight: torch.Tensor | None = None  # (B, K)
+    keypoints: torch.Tensor | None = None  # (B, K, 2) float64, heatmap pixels
+    keypoint_weight: torch.Tensor | None = None  # (B, K)
+
+    @property
+    def targets(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the loss compares the heatmaps with: (keypoints, keypoint_weight) or (target, target_weight)."""
+        if self.keypoints is not None:
+            return self.keypoints, self.keypoint_weight
+        return self.target, self.target_weight
 
     def to(self, device: torch.device) -> "Batch":
         """The batch with the tensors the model and the loss read moved to `device`; the
         bookkeeping stays where it is."""
-        return replace(self, image=self.image.to(device, non_blocking=True),
-                       target=self.target.to(device, non_blocking=True),
-                       target_weight=self.target_weight.to(device, non_blocking=True))
+        moved = {name: getattr(self, name).to(device, non_blocking=True)
+                 for name in ("image", "target", "target_weight", "keypoints", "keypoint_weight")
+                 if getattr(self, name) is not None}
+        return replace(self, **moved)
 
 
 def collate(samples: list[dict]) -> Batch:

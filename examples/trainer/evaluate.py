@@ -7,7 +7,7 @@ from torch import nn
 from hgloss.pose import codecs, evaluation
 
 from .config import TrainConfig
-from .data import DataSplit
+from .data import Batch, DataSplit
 from .distributed import gather_lists, rank
 
 
@@ -17,6 +17,21 @@ def headline_metric(metrics: dict[str, float]) -> tuple[str, float]:
         if name in metrics:
             return name, metrics[name]
     raise ValueError(f"no headline metric among {sorted(metrics)}")
+
+
+def target_pck(output: torch.Tensor, batch: Batch, codec) -> tuple[np.ndarray, float, int]:
+    """evaluation.heatmap_pck of the (B, K, H, W) heatmaps `output` against the batch's targets.
+    Keypoint targets give the same as the codec's heatmaps would, without painting them: the PCK
+    reads only the target heatmaps' peaks and which are painted (codec.heatmap_peaks), so maps
+    of a single 1 at those peaks stand in for them."""
+    output = output.detach().float().cpu()
+    if batch.keypoints is None:
+        return evaluation.heatmap_pck(output, batch.target.cpu())
+    peaks, painted = codec.heatmap_peaks(batch.keypoints.cpu().numpy(), batch.keypoint_weight.cpu().numpy())
+    peak_maps = np.zeros(output.shape, dtype=np.float32)
+    samples, joints = np.nonzero(painted)
+    peak_maps[samples, joints, peaks[samples, joints, 1], peaks[samples, joints, 0]] = 1.0
+    return evaluation.heatmap_pck(output, peak_maps)
 
 
 @torch.no_grad()
@@ -47,8 +62,9 @@ def evaluate(model: nn.Module, loader, config: TrainConfig, device: torch.device
         parts["joints"].append(batch.joints.numpy())
         parts["scales"].append(batch.scale.numpy())
         parts["shapes"].append(evaluation.gaussian_fit(output.double().numpy()))
-        if batch.target_weight.sum() > 0:
-            _, mean, counted = evaluation.heatmap_pck(output, batch.target)
+        _, target_weight = batch.targets
+        if target_weight.sum() > 0:
+            _, mean, counted = target_pck(output, batch, codec)
             parts["pck_hits"].append(mean * counted)
             parts["pck_counts"].append(counted)
         if first_batch is None:

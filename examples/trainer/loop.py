@@ -19,7 +19,7 @@ from hgloss.distill import (
     SnapshotDistillation,
     SteppingSchedule,
 )
-from hgloss.pose import evaluation, models
+from hgloss.pose import models
 
 from . import distributed
 from .checkpoints import (
@@ -34,7 +34,7 @@ from .checkpoints import (
 )
 from .config import RESUMABLE_CHANGES, ConfigError, TrainConfig
 from .data import DataSplit, build_codec, build_datasets, build_loaders, load_split
-from .evaluate import evaluate, headline_metric
+from .evaluate import evaluate, headline_metric, target_pck
 from .loss import PoseLoss
 
 # ------------------------------------------------------------------------------------------------
@@ -208,9 +208,9 @@ class Trainer:
             with open(self.out / "log.jsonl", "a") as handle:
                 handle.write(json.dumps(record) + "\n")
 
-    def _log_step(self, epoch: int, loss: float, lr: float, rate: float, output, target) -> None:
+    def _log_step(self, epoch: int, loss: float, lr: float, rate: float, output, batch) -> None:
         """A train record, with HRNet's PCK of the batch's heatmaps against its targets."""
-        _, pck, _ = evaluation.heatmap_pck(output.detach().float().cpu(), target.cpu())
+        _, pck, _ = target_pck(output, batch, self.codec)
         self._log({"kind": "train", "epoch": epoch + 1, "step": self.state.step, "loss": loss, "lr": lr,
                    "samples_per_s": rate, "pck": pck})
 
@@ -242,7 +242,8 @@ class Trainer:
                                                                      replayed=batch.replayed)
                 self.distillation.store_predictions(output, keys=batch.index, replayed=batch.replayed)
             self._check_finite("the model's heatmaps are", [output], epoch, self.state.step + 1)
-            loss = self.criterion(output, batch.target, batch.target_weight, teacher, alpha)
+            target, target_weight = batch.targets
+            loss = self.criterion(output, target, target_weight, teacher, alpha)
             self._check_finite("the loss is", [loss], epoch, self.state.step + 1)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
@@ -256,9 +257,9 @@ class Trainer:
             rate, lr = samples / max(time.perf_counter() - started, 1e-9), self.optimizer.param_groups[0]["lr"]
             bar.set_postfix(loss=f"{losses[-1]:.3g}", lr=f"{lr:.2g}", samples_per_s=f"{rate:.0f}")
             if self.state.step % config.log_every == 0:
-                self._log_step(epoch, losses[-1], lr, rate, output, batch.target)
+                self._log_step(epoch, losses[-1], lr, rate, output, batch)
         if self.state.step % config.log_every != 0:  # the epoch's last iteration, so every epoch is in the log
-            self._log_step(epoch, losses[-1], lr, rate, output, batch.target)
+            self._log_step(epoch, losses[-1], lr, rate, output, batch)
         return losses
 
     def _check_finite(self, what: str, tensors: list[torch.Tensor], epoch: int, step: int) -> None:

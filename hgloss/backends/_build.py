@@ -45,6 +45,7 @@ CPU_SOURCES = (
     "heatmap_loss.cpp",
     os.path.join("autograd", "heatmap_loss_autograd.cpp"),
     os.path.join("cpu", "heatmap_loss_kernel.cpp"),
+    os.path.join("cpu", "gaussian_factors_kernel.cpp"),
 )
 # The torch binding and the torch-free kernels, one file per stencil so that they compile in parallel.
 CUDA_SOURCES = tuple(

@@ -15,9 +15,13 @@ What one program owns
 What is read and written per pixel
     P, G (and S) are read in their own dtypes at the shifts the stencil needs (the taps of the
     gradient maps, then of their adjoints); the shifted loads hit L1/L2, so each input comes
-    from memory about once. dL/dD is written once (4 bytes, 2 for a bfloat16 pred). Every load
-    is converted to the accumulation dtype before any arithmetic, which also keeps bfloat16
-    right under the Triton interpreter, where bfloat16 arithmetic is silently wrong.
+    from memory about once. A separable target (hgloss.targets) is no tensor at all: at each
+    shifted pixel (i, j) the kernel reads the plane's float64 row factor i and column factor j
+    and forms G = float32(row * col), H + W values read per plane instead of H x W. dL/dD is
+    written once (4 bytes, 2 for a bfloat16 pred). Every load of P, G or S is converted to the
+    accumulation dtype before any arithmetic, which also keeps bfloat16 right under the Triton
+    interpreter, where bfloat16 arithmetic is silently wrong; only the factors are multiplied
+    first, in float64, as G is defined.
 
 Why the sums are deterministic
     Each program writes its tile's two partial sums (of D^2 and of Ax^2 + Ay^2) to its own
@@ -74,11 +78,11 @@ def _times(value, WEIGHT: tl.constexpr):
 
 @triton.jit
 def _difference(
-    pred_plane, target_plane, teacher_plane, blend,
+    pred_plane, target_plane, target_rows_plane, target_cols_plane, teacher_plane, blend,
     pred_row_stride, pred_col_stride, target_row_stride, target_col_stride, teacher_row_stride, teacher_col_stride,
     offsets, rows, cols, in_tile, height, width,
     ROW_SHIFT: tl.constexpr, COL_SHIFT: tl.constexpr,
-    HAS_TEACHER: tl.constexpr, DENSE: tl.constexpr, ACC: tl.constexpr,
+    HAS_TEACHER: tl.constexpr, SEPARABLE: tl.constexpr, DENSE: tl.constexpr, ACC: tl.constexpr,
 ):
     """D = P - ((1 - a) G + a S) at the tile's pixels shifted by (ROW_SHIFT, COL_SHIFT); 0 off the plane."""
     i = rows + ROW_SHIFT
@@ -95,7 +99,16 @@ def _difference(
         target_offsets = i * target_row_stride + j * target_col_stride
         teacher_offsets = i * teacher_row_stride + j * teacher_col_stride
     pred = tl.load(pred_plane + pred_offsets, mask=inside, other=0.0).to(ACC)
-    target = tl.load(target_plane + target_offsets, mask=inside, other=0.0).to(ACC)
+    if SEPARABLE:
+        # G = float32(rows[i] * cols[j]) (hgloss.targets): the product in float64, rounded to the
+        # float32 the codecs store, so that G has the bits of the target tensor it stands for.
+        # Each factor is masked by its own axis alone, so that the loads of one row shift are the
+        # same for every column shift (and the other way round) and the compiler merges them.
+        row_factor = tl.load(target_rows_plane + i, mask=in_tile & (i >= 0) & (i < height), other=0.0)
+        col_factor = tl.load(target_cols_plane + j, mask=in_tile & (j >= 0) & (j < width), other=0.0)
+        target = tl.where(inside, (row_factor * col_factor).to(tl.float32), 0.0).to(ACC)
+    else:
+        target = tl.load(target_plane + target_offsets, mask=inside, other=0.0).to(ACC)
     if HAS_TEACHER:
         teacher = tl.load(teacher_plane + teacher_offsets, mask=inside, other=0.0).to(ACC)
         return pred - ((1 - blend) * target + blend * teacher)
@@ -104,12 +117,12 @@ def _difference(
 
 @triton.jit
 def _gradient_map(
-    pred_plane, target_plane, teacher_plane, blend,
+    pred_plane, target_plane, target_rows_plane, target_cols_plane, teacher_plane, blend,
     pred_row_stride, pred_col_stride, target_row_stride, target_col_stride, teacher_row_stride, teacher_col_stride,
     offsets, rows, cols, in_tile, height, width,
     ROW_SHIFT: tl.constexpr, COL_SHIFT: tl.constexpr,
     SCALE: tl.constexpr, DIFFERENCES: tl.constexpr, MARGINS: tl.constexpr,
-    HAS_TEACHER: tl.constexpr, DENSE: tl.constexpr, ACC: tl.constexpr,
+    HAS_TEACHER: tl.constexpr, SEPARABLE: tl.constexpr, DENSE: tl.constexpr, ACC: tl.constexpr,
 ):
     """A gradient map, SCALE * (sum over DIFFERENCES (weight, plus_row, plus_col, minus_row,
     minus_col) of weight * (D[plus] - D[minus])), at the tile's pixels shifted by
@@ -119,16 +132,16 @@ def _gradient_map(
     valid = in_tile & (i >= MARGINS[0]) & (i < height - MARGINS[1]) & (j >= MARGINS[2]) & (j < width - MARGINS[3])
     for k in tl.static_range(len(DIFFERENCES)):
         plus = _difference(
-            pred_plane, target_plane, teacher_plane, blend,
+            pred_plane, target_plane, target_rows_plane, target_cols_plane, teacher_plane, blend,
             pred_row_stride, pred_col_stride, target_row_stride, target_col_stride, teacher_row_stride, teacher_col_stride,
             offsets, rows, cols, in_tile, height, width,
-            ROW_SHIFT + DIFFERENCES[k][1], COL_SHIFT + DIFFERENCES[k][2], HAS_TEACHER, DENSE, ACC,
+            ROW_SHIFT + DIFFERENCES[k][1], COL_SHIFT + DIFFERENCES[k][2], HAS_TEACHER, SEPARABLE, DENSE, ACC,
         )
         minus = _difference(
-            pred_plane, target_plane, teacher_plane, blend,
+            pred_plane, target_plane, target_rows_plane, target_cols_plane, teacher_plane, blend,
             pred_row_stride, pred_col_stride, target_row_stride, target_col_stride, teacher_row_stride, teacher_col_stride,
             offsets, rows, cols, in_tile, height, width,
-            ROW_SHIFT + DIFFERENCES[k][3], COL_SHIFT + DIFFERENCES[k][4], HAS_TEACHER, DENSE, ACC,
+            ROW_SHIFT + DIFFERENCES[k][3], COL_SHIFT + DIFFERENCES[k][4], HAS_TEACHER, SEPARABLE, DENSE, ACC,
         )
         if k == 0:
             total = _times(plus - minus, DIFFERENCES[k][0])
@@ -139,26 +152,26 @@ def _gradient_map(
 
 @triton.jit
 def _adjoint_of_map(
-    pred_plane, target_plane, teacher_plane, blend,
+    pred_plane, target_plane, target_rows_plane, target_cols_plane, teacher_plane, blend,
     pred_row_stride, pred_col_stride, target_row_stride, target_col_stride, teacher_row_stride, teacher_col_stride,
     offsets, rows, cols, in_tile, height, width,
     SCALE: tl.constexpr, DIFFERENCES: tl.constexpr, MARGINS: tl.constexpr,
-    HAS_TEACHER: tl.constexpr, DENSE: tl.constexpr, ACC: tl.constexpr,
+    HAS_TEACHER: tl.constexpr, SEPARABLE: tl.constexpr, DENSE: tl.constexpr, ACC: tl.constexpr,
 ):
     """(A^T A D) at the tile's pixels. The map sent weight * A[p] to p + plus and took it from
     p + minus, so pixel q gathers SCALE * weight * (A[q - plus] - A[q - minus])."""
     for k in tl.static_range(len(DIFFERENCES)):
         from_plus = _gradient_map(
-            pred_plane, target_plane, teacher_plane, blend,
+            pred_plane, target_plane, target_rows_plane, target_cols_plane, teacher_plane, blend,
             pred_row_stride, pred_col_stride, target_row_stride, target_col_stride, teacher_row_stride, teacher_col_stride,
             offsets, rows, cols, in_tile, height, width,
-            -DIFFERENCES[k][1], -DIFFERENCES[k][2], SCALE, DIFFERENCES, MARGINS, HAS_TEACHER, DENSE, ACC,
+            -DIFFERENCES[k][1], -DIFFERENCES[k][2], SCALE, DIFFERENCES, MARGINS, HAS_TEACHER, SEPARABLE, DENSE, ACC,
         )
         from_minus = _gradient_map(
-            pred_plane, target_plane, teacher_plane, blend,
+            pred_plane, target_plane, target_rows_plane, target_cols_plane, teacher_plane, blend,
             pred_row_stride, pred_col_stride, target_row_stride, target_col_stride, teacher_row_stride, teacher_col_stride,
             offsets, rows, cols, in_tile, height, width,
-            -DIFFERENCES[k][3], -DIFFERENCES[k][4], SCALE, DIFFERENCES, MARGINS, HAS_TEACHER, DENSE, ACC,
+            -DIFFERENCES[k][3], -DIFFERENCES[k][4], SCALE, DIFFERENCES, MARGINS, HAS_TEACHER, SEPARABLE, DENSE, ACC,
         )
         if k == 0:
             total = _times(from_plus - from_minus, DIFFERENCES[k][0])
@@ -169,7 +182,7 @@ def _adjoint_of_map(
 
 @triton.jit(do_not_specialize=["mse_weight_bits", "grad_weight_bits"])
 def _plane_tile_kernel(
-    pred_ptr, target_ptr, teacher_ptr, blend_ptr, weight_ptr, partials_ptr, grad_ptr,
+    pred_ptr, target_ptr, target_rows_ptr, target_cols_ptr, teacher_ptr, blend_ptr, weight_ptr, partials_ptr, grad_ptr,
     joints, height, width, gradient_count, plane_count,
     pred_batch_stride, pred_joint_stride, pred_row_stride, pred_col_stride,
     target_batch_stride, target_joint_stride, target_row_stride, target_col_stride,
@@ -201,8 +214,19 @@ def _plane_tile_kernel(
     cols = offsets % width
 
     pred_plane = pred_ptr + batch * pred_batch_stride + joint * pred_joint_stride
-    target_plane = target_ptr + batch * target_batch_stride + joint * target_joint_stride
-    # Without a teacher its slot holds a pointer that is never read (the compiler rejects None).
+    # A separable target comes as its factors alone, target_ptr None. Deciding that from the
+    # arguments rather than by a constexpr of its own keeps the two from disagreeing.
+    SEPARABLE: tl.constexpr = target_ptr is None
+    # The slots of the form not given, and the teacher's without a teacher, hold a pointer that
+    # is never read (the compiler rejects None).
+    if SEPARABLE:
+        target_plane = pred_plane
+        target_rows_plane = target_rows_ptr + planes.to(tl.int64) * height
+        target_cols_plane = target_cols_ptr + planes.to(tl.int64) * width
+    else:
+        target_plane = target_ptr + batch * target_batch_stride + joint * target_joint_stride
+        target_rows_plane = pred_plane
+        target_cols_plane = pred_plane
     teacher_plane = pred_plane
     blend = 0.0
     if HAS_TEACHER:
@@ -211,19 +235,21 @@ def _plane_tile_kernel(
 
     # 2. The value term's D and the gradient term's maps at the tile's own pixels.
     diff = _difference(
-        pred_plane, target_plane, teacher_plane, blend,
+        pred_plane, target_plane, target_rows_plane, target_cols_plane, teacher_plane, blend,
         pred_row_stride, pred_col_stride, target_row_stride, target_col_stride, teacher_row_stride, teacher_col_stride,
-        offsets, rows, cols, in_tile, height, width, 0, 0, HAS_TEACHER, DENSE, ACC,
+        offsets, rows, cols, in_tile, height, width, 0, 0, HAS_TEACHER, SEPARABLE, DENSE, ACC,
     )
     x_map = _gradient_map(
-        pred_plane, target_plane, teacher_plane, blend,
+        pred_plane, target_plane, target_rows_plane, target_cols_plane, teacher_plane, blend,
         pred_row_stride, pred_col_stride, target_row_stride, target_col_stride, teacher_row_stride, teacher_col_stride,
-        offsets, rows, cols, in_tile, height, width, 0, 0, SCALE, X_DIFFERENCES, X_MARGINS, HAS_TEACHER, DENSE, ACC,
+        offsets, rows, cols, in_tile, height, width, 0, 0, SCALE, X_DIFFERENCES, X_MARGINS,
+        HAS_TEACHER, SEPARABLE, DENSE, ACC,
     )
     y_map = _gradient_map(
-        pred_plane, target_plane, teacher_plane, blend,
+        pred_plane, target_plane, target_rows_plane, target_cols_plane, teacher_plane, blend,
         pred_row_stride, pred_col_stride, target_row_stride, target_col_stride, teacher_row_stride, teacher_col_stride,
-        offsets, rows, cols, in_tile, height, width, 0, 0, SCALE, Y_DIFFERENCES, Y_MARGINS, HAS_TEACHER, DENSE, ACC,
+        offsets, rows, cols, in_tile, height, width, 0, 0, SCALE, Y_DIFFERENCES, Y_MARGINS,
+        HAS_TEACHER, SEPARABLE, DENSE, ACC,
     )
 
     # 3. dL/dD for an upstream gradient of 1:
@@ -239,14 +265,16 @@ def _plane_tile_kernel(
         value_coefficient = scale * _exact_float(mse_weight_bits, ACC) / tl.cast(plane_size, ACC)
         gradient_coefficient = scale * _exact_float(grad_weight_bits, ACC) / tl.cast(gradient_count, ACC)
         x_adjoint = _adjoint_of_map(
-            pred_plane, target_plane, teacher_plane, blend,
+            pred_plane, target_plane, target_rows_plane, target_cols_plane, teacher_plane, blend,
             pred_row_stride, pred_col_stride, target_row_stride, target_col_stride, teacher_row_stride, teacher_col_stride,
-            offsets, rows, cols, in_tile, height, width, SCALE, X_DIFFERENCES, X_MARGINS, HAS_TEACHER, DENSE, ACC,
+            offsets, rows, cols, in_tile, height, width, SCALE, X_DIFFERENCES, X_MARGINS,
+            HAS_TEACHER, SEPARABLE, DENSE, ACC,
         )
         y_adjoint = _adjoint_of_map(
-            pred_plane, target_plane, teacher_plane, blend,
+            pred_plane, target_plane, target_rows_plane, target_cols_plane, teacher_plane, blend,
             pred_row_stride, pred_col_stride, target_row_stride, target_col_stride, teacher_row_stride, teacher_col_stride,
-            offsets, rows, cols, in_tile, height, width, SCALE, Y_DIFFERENCES, Y_MARGINS, HAS_TEACHER, DENSE, ACC,
+            offsets, rows, cols, in_tile, height, width, SCALE, Y_DIFFERENCES, Y_MARGINS,
+            HAS_TEACHER, SEPARABLE, DENSE, ACC,
         )
         grad = value_coefficient * diff + gradient_coefficient * (x_adjoint + y_adjoint)
         grad_at = grad_ptr + planes.to(tl.int64) * plane_size + offsets
@@ -380,7 +408,7 @@ def _needs_wide_offsets(tensors) -> bool:
 
 def heatmap_loss(
     pred: torch.Tensor,
-    target: torch.Tensor,
+    target: torch.Tensor | None,
     teacher: torch.Tensor | None,
     alpha: torch.Tensor | None,
     weight: torch.Tensor | None,
@@ -389,10 +417,16 @@ def heatmap_loss(
     stencil: str,
     reduction: str,
     compute_grad: bool,
+    target_rows: torch.Tensor | None = None,
+    target_cols: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, per-plane terms, dL/dD or an empty tensor) computed by the Triton kernels: the body
-    of hgloss::triton_heatmap_loss, so it checks its arguments as every operator does."""
-    check_operator_arguments(pred, target, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction)
+    of hgloss::triton_heatmap_loss, so it checks its arguments as every operator does. The target
+    is a tensor, or None with its separable factors target_rows (B, K, H) and target_cols
+    (B, K, W) (hgloss.targets)."""
+    check_operator_arguments(
+        pred, target, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction, target_rows, target_cols
+    )
     batch, joints, height, width = pred.shape
     plane_count = batch * joints
     tile_pixels, tiles, planes_per_program, num_warps = launch_shape(height, width, stencil)
@@ -406,9 +440,9 @@ def heatmap_loss(
 
     if plane_count > 0:
         wrap_triton(_plane_tile_kernel)[(triton.cdiv(plane_count, planes_per_program), tiles)](
-            pred, target, teacher, alpha, weight, partials, grad,
+            pred, target, target_rows, target_cols, teacher, alpha, weight, partials, grad,
             joints, height, width, gradient_count, plane_count,
-            *pred.stride(), *target.stride(), *_strides(teacher),
+            *pred.stride(), *_strides(target), *_strides(teacher),
             0 if alpha is None else alpha.stride(0), *weight_strides,
             *weight_bits,
             **stencil_constants(stencil),

@@ -3,7 +3,9 @@
 Sizes are (width, height). Keypoints are (x, y) pixels with integer coordinates at pixel centres. A codec
 turns keypoints given in input-crop pixels (the network input, e.g. 192x256) into one heatmap per joint
 (e.g. 48x64); :func:`decode` reads heatmap-pixel coordinates back and the codec's ``heatmap_to_image`` takes
-them to image pixels through the inverse of the crop transform.
+them to image pixels through the inverse of the crop transform. ``encode_keypoints`` gives the keypoints in
+heatmap pixels instead, for ``hgloss.keypoint_heatmap_loss``, which builds the same heatmaps inside the loss
+(its ``encoding`` is the codec's ``encoding``).
 
 A codec owns its geometry: the crop transform (``crop_transform``), its inverse and whether the flip test
 shifts the flipped heatmaps (``flip_shift``) all come from the codec object, so a dataset, the decoding
@@ -95,6 +97,8 @@ class _GaussianHeatmap:
 
     # Whether the flip test shifts the flipped heatmaps one pixel (flip_back's shift).
     flip_shift: bool
+    # The name hgloss.keypoint_heatmap_loss gives this codec's targets (its `encoding`).
+    encoding: str
 
     def crop_transform(self, center: ArrayLike, scale: ArrayLike, rotation: float = 0.0) -> np.ndarray:
         """The 2x3 affine map from image pixels to input-crop pixels for a person box."""
@@ -150,18 +154,8 @@ class _GaussianHeatmap:
             codecs skip joints with visibility ``< 0.5`` instead: they paint at exactly 0.5, and they leave
             the weight of a skipped joint as it is even where its window is outside the heatmap.)
         """
-        keypoints = np.asarray(keypoints, dtype=np.float64)
-        visible = np.asarray(visible, dtype=np.float64)
-        if keypoints.ndim != 2 or keypoints.shape[1] != 2:
-            raise ValueError(f"keypoints must have shape (K, 2), got shape {keypoints.shape}")
-        if visible.shape != (keypoints.shape[0],):
-            raise ValueError(f"visible must have shape ({keypoints.shape[0]},), got shape {visible.shape}")
-        if not np.all(np.isfinite(visible) & (visible >= 0)):
-            raise ValueError(f"visible must be finite and >= 0, got {visible.tolist()}")
+        keypoints, visible = self._checked(keypoints, visible)
         labelled = visible > 0
-        if not np.all(np.isfinite(keypoints[labelled])):
-            raise ValueError("keypoints of visible joints must be finite")
-
         width, height = self.heatmap_size
         heatmaps = np.zeros((keypoints.shape[0], height, width), dtype=np.float32)
         weights = visible.astype(np.float32)
@@ -185,6 +179,86 @@ class _GaussianHeatmap:
             heatmaps[joint, ys[:, None], xs[None, :]] = gaussian_y[:, None] * gaussian_x[None, :]
         return heatmaps, weights
 
+    def encode_keypoints(self, keypoints: ArrayLike, visible: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+        """What ``encode`` paints its heatmaps from, for losses that build the Gaussians themselves.
+
+        ``hgloss.keypoint_heatmap_loss(pred, heatmap_keypoints, weights, sigma=codec.sigma,
+        encoding=codec.encoding)`` builds the heatmaps and weights of ``encode(keypoints, visible)``
+        inside the loss, so it equals ``hgloss.heatmap_gradient_loss`` on them, wherever every
+        visibility is 0 or > 0.5 (the datasets' 0 or 1). The two rules differ for
+        ``0 < visibility <= 0.5``: ``encode`` keeps the weight on an all-zero map, the loss paints the
+        Gaussian of every joint whose weight is not 0.
+
+        Args:
+            keypoints, visible: as in ``encode``, and checked as it checks them.
+
+        Returns:
+            heatmap_keypoints: (K, 2) float64 (x, y) in heatmap pixels, the keypoints divided by
+            ``stride`` as ``encode`` divides them, so that the loss rounds them as ``encode`` does.
+            weights: (K,) float32, the visibility; the loss sets the weight of a joint whose window
+            misses the heatmap to 0, as ``encode`` does.
+        """
+        keypoints, visible = self._checked(keypoints, visible)
+        return keypoints / self.stride, visible.astype(np.float32)
+
+    def heatmap_peaks(self, heatmap_keypoints: ArrayLike, visible: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+        """Where the heatmaps of ``encode`` peak, from the keypoints of ``encode_keypoints``, without
+        painting them: training accuracy (evaluation.heatmap_pck) needs only the peaks.
+
+        The peak is the pixel argmax finds on the painted float32 heatmap: its first maximum in
+        row-major order, which decides between two equal pixels (a UDPHeatmap keypoint half way
+        between them, or two values that round to one float32). Only the pixels next to the rounded
+        position can be a maximum (for sigma below about 1000 heatmap pixels), so only those nine are
+        evaluated, with the arithmetic of ``encode``.
+
+        Args:
+            heatmap_keypoints: (..., K, 2) (x, y) in heatmap pixels; read only where ``visible`` is
+                > 0.5, the joints ``encode`` paints.
+            visible: (..., K) visibility.
+
+        Returns:
+            peaks: (..., K, 2) int64 (x, y) of each heatmap's first maximum; 0 where nothing is painted.
+            painted: (..., K) bool, whether the heatmap's maximum is > 0.
+        """
+        heatmap_keypoints = np.asarray(heatmap_keypoints, dtype=np.float64)
+        visible = np.asarray(visible, dtype=np.float64)
+        if heatmap_keypoints.shape[-1:] != (2,) or visible.shape != heatmap_keypoints.shape[:-1]:
+            raise ValueError(
+                f"heatmap_keypoints must have shape (..., K, 2) and visible (..., K), got shapes "
+                f"{heatmap_keypoints.shape} and {visible.shape}"
+            )
+        labelled = visible > 0.5
+        scaled = np.where(labelled[..., None], heatmap_keypoints, 0.0)
+        rounded = np.trunc(scaled + 0.5)
+        peak = self._peak(scaled, rounded)
+        first = np.maximum(rounded - self.radius, 0.0)
+        last = np.minimum(rounded + self.radius, np.array(self.heatmap_size, dtype=np.float64) - 1.0)
+        # (..., K, 2, 3): along x and y, the pixels next to the rounded position clipped to the
+        # painted window, in increasing order so that the first maximum among them is argmax's.
+        pixels = np.clip(rounded[..., None] + np.array([-1.0, 0.0, 1.0]), first[..., None], last[..., None])
+        gaussian = np.exp(-((pixels - peak[..., None]) ** 2) / (2.0 * self.sigma**2))
+        values = (gaussian[..., 1, :, None] * gaussian[..., 0, None, :]).astype(np.float32)
+        best = values.reshape(*values.shape[:-2], 9).argmax(axis=-1)
+        xs = np.take_along_axis(pixels[..., 0, :], (best % 3)[..., None], axis=-1)[..., 0]
+        ys = np.take_along_axis(pixels[..., 1, :], (best // 3)[..., None], axis=-1)[..., 0]
+        painted = labelled & np.all(first <= last, axis=-1) & (values.max(axis=(-2, -1)) > 0)
+        peaks = np.where(painted[..., None], np.stack([xs, ys], axis=-1), 0.0).astype(np.int64)
+        return peaks, painted
+
+    def _checked(self, keypoints: ArrayLike, visible: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+        """(keypoints, visible) as float64, with the checks of ``encode``."""
+        keypoints = np.asarray(keypoints, dtype=np.float64)
+        visible = np.asarray(visible, dtype=np.float64)
+        if keypoints.ndim != 2 or keypoints.shape[1] != 2:
+            raise ValueError(f"keypoints must have shape (K, 2), got shape {keypoints.shape}")
+        if visible.shape != (keypoints.shape[0],):
+            raise ValueError(f"visible must have shape ({keypoints.shape[0]},), got shape {visible.shape}")
+        if not np.all(np.isfinite(visible) & (visible >= 0)):
+            raise ValueError(f"visible must be finite and >= 0, got {visible.tolist()}")
+        if not np.all(np.isfinite(keypoints[visible > 0])):
+            raise ValueError("keypoints of visible joints must be finite")
+        return keypoints, visible
+
 
 class MSRAHeatmap(_GaussianHeatmap):
     """HRNet's Gaussian heatmap target (``generate_target``).
@@ -199,6 +273,7 @@ class MSRAHeatmap(_GaussianHeatmap):
     # The flipped image's pixel x lands on heatmap x' = W - 1/stride - x, not W - 1 - x; HRNet's
     # one-pixel shift makes up most of the difference.
     flip_shift = True
+    encoding = "msra"
 
     @property
     def stride(self) -> np.ndarray:
@@ -222,6 +297,7 @@ class UDPHeatmap(_GaussianHeatmap):
     _transform = staticmethod(get_udp_transform)
     # Pixel centres of crop and heatmap are aligned, so flipping the heatmap is exact.
     flip_shift = False
+    encoding = "udp"
 
     @property
     def stride(self) -> np.ndarray:

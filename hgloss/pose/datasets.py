@@ -1,4 +1,4 @@
-"""Top-down pose datasets: one person crop per sample, with heatmap targets.
+"""Top-down pose datasets: one person crop per sample, with heatmap targets or the keypoints they come from.
 
 `coco_records` reads COCO keypoint annotations through pycocotools (training and validation from
 ground-truth boxes, or validation from a detection results file); `mpii_records` reads MPII in
@@ -276,29 +276,40 @@ class Augmentation:
     half_body_min_joints: int = 8
 
 
+TARGET_FORMS = ("heatmaps", "keypoints")
+
+
 class TopDownDataset(torch.utils.data.Dataset):
-    """Person crops with heatmap targets.
+    """Person crops with their targets: heatmaps, or the keypoints a loss paints them from.
 
     `dataset[index]` or `dataset[(index, aug_seed, replayed)]` returns a dict: "image" (3, h, w)
-    float32, normalised with the ImageNet mean and std; "target" (K, H, W) and "target_weight"
-    (K,) from `codec`; "index", "replayed"; and, for evaluation, "center", "scale", "image_id",
-    "score", "area" and "joints" (K, 3) in image pixels. Without an aug_seed (plain indices), the
-    sample is not augmented.
+    float32, normalised with the ImageNet mean and std; the targets (see `targets`); "index",
+    "replayed"; and, for evaluation, "center", "scale", "image_id", "score", "area" and "joints"
+    (K, 3) in image pixels. Without an aug_seed (plain indices), the sample is not augmented.
 
     Args:
         records: the persons, from coco_records or mpii_records.
         codec: e.g. codecs.MSRAHeatmap; its input_size is the crop's (width, height), its
-            crop_transform cuts the crop, and it encodes the joints into (heatmaps, weights).
+            crop_transform cuts the crop, and it encodes the joints into the targets.
         augmentation: None for evaluation crops.
         flip_pairs, upper_body: the skeleton's left/right pairs and upper-body joints.
         cache_images: keep every decoded image in memory after its first read (in each loader
             worker), for small sets read every epoch; a 256x256 image takes 192 KiB.
+        targets: "heatmaps": "target" (K, H, W) float32 and "target_weight" (K,) float32 from
+            `codec.encode`. "keypoints": "keypoints" (K, 2) float64 in heatmap pixels and
+            "keypoint_weight" (K,) float32 from `codec.encode_keypoints`, for
+            hgloss.keypoint_heatmap_loss, which paints the same heatmaps inside the loss; no
+            heatmap is painted here, which spares the loader workers most of their time.
     """
 
     def __init__(self, records: list[PersonRecord], codec, augmentation: Augmentation | None = None,
-                 flip_pairs=COCO_FLIP_PAIRS, upper_body=COCO_UPPER_BODY, cache_images: bool = False) -> None:
+                 flip_pairs=COCO_FLIP_PAIRS, upper_body=COCO_UPPER_BODY, cache_images: bool = False,
+                 targets: str = "heatmaps") -> None:
+        if targets not in TARGET_FORMS:
+            raise ValueError(f"targets must be one of {list(TARGET_FORMS)}, got {targets!r}")
         self.records = records
         self.codec = codec
+        self.targets = targets
         self.input_size = codec.input_size
         self.augmentation = augmentation
         self.flip_pairs = flip_pairs
@@ -367,14 +378,19 @@ class TopDownDataset(torch.utils.data.Dataset):
         matrix = self.codec.crop_transform(center, scale, rotation)
         crop = warp_image(np.ascontiguousarray(image), matrix, self.input_size)
         crop_joints = affine_points(joints[:, :2], matrix)
-        heatmaps, weights = self.codec.encode(crop_joints, joints[:, 2])
+        if self.targets == "heatmaps":
+            heatmaps, weights = self.codec.encode(crop_joints, joints[:, 2])
+            targets = {"target": torch.from_numpy(np.asarray(heatmaps, dtype=np.float32)),
+                       "target_weight": torch.from_numpy(np.asarray(weights, dtype=np.float32))}
+        else:
+            keypoints, weights = self.codec.encode_keypoints(crop_joints, joints[:, 2])
+            targets = {"keypoints": torch.from_numpy(keypoints), "keypoint_weight": torch.from_numpy(weights)}
         pixels = torch.from_numpy(crop.astype(np.float32) / 255.0).permute(2, 0, 1)
         mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
         std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
         return {
             "image": (pixels - mean) / std,
-            "target": torch.from_numpy(np.asarray(heatmaps, dtype=np.float32)),
-            "target_weight": torch.from_numpy(np.asarray(weights, dtype=np.float32)),
+            **targets,
             "index": int(index),
             "replayed": bool(replayed),
             "center": torch.from_numpy(record.center.astype(np.float32)),
