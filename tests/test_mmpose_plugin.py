@@ -29,6 +29,7 @@ NAMES = {
     "HGLossHeatmapGradientLoss": hgloss.HeatmapGradientLoss,
     "HGLossKeypointMSELoss": compat.KeypointMSELoss,
     "HGLossKeypointOHKMMSELoss": compat.KeypointOHKMMSELoss,
+    "HGLossKeypointHeatmapLoss": hgloss.KeypointHeatmapLoss,
 }
 
 
@@ -102,6 +103,16 @@ def test_registry_holds_the_names_after_import(registry):
         assert registry.module_dict[name] is cls
     # mmpose's own names are untouched
     assert all(not name.startswith("HGLoss") or name in NAMES for name in registry.module_dict)
+
+
+def test_keypoint_loss_builds_from_a_config_dict(mmpose_models, registry):
+    """A head passing keypoints gets the loss from its config as from any other."""
+    criterion = registry.build(dict(type="HGLossKeypointHeatmapLoss", sigma=1.5, encoding="udp", grad_weight=0.2))
+    pred = torch.rand(2, 3, 8, 6, dtype=torch.float64)
+    keypoints = torch.rand(2, 3, 2, dtype=torch.float64) * 6
+    weights = torch.ones(2, 3, dtype=torch.float64)
+    expected = hgloss.keypoint_heatmap_loss(pred, keypoints, weights, sigma=1.5, encoding="udp", grad_weight=0.2)
+    assert torch.equal(criterion(pred, keypoints, weights), expected)
 
 
 def test_mmpose_own_losses_are_not_shadowed(mmpose_models, registry):
