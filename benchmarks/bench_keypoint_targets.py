@@ -20,7 +20,8 @@ Two measurements, side by side in one run:
 2. The data loader: samples per second of hgloss.pose's TopDownDataset on the synthetic set
    (COCO layout, augmentation on, decoded images cached), with heatmap targets (the codec paints
    (K, H, W) per sample) and with keypoint targets (no painting), for each --workers count; the
-   two forms take timed passes in turns.
+   two forms take timed passes in turns. "target bytes per batch" is what a trainer copies to
+   the device for the targets of one collated batch.
 
 It prints markdown tables and writes bench_keypoint_targets.csv, keypoint_targets.md and (with
 matplotlib) keypoint_targets.png to --out (default benchmarks/results/<device-tag>/keypoint_targets).
@@ -86,6 +87,7 @@ class LoaderRow:
     workers: int
     samples_per_s: float
     batches: int
+    target_bytes: int  # of one collated batch's targets and weights: what a trainer copies to the device
 
 
 # ------------------------------------------------------------------------------------------------
@@ -214,25 +216,33 @@ def measure_loader(args) -> list[LoaderRow]:
             # The two forms take passes in turns, so that a slow spell of the machine hits both.
             seconds = dict.fromkeys(loaders, 0.0)
             counts = dict.fromkeys(loaders, (0, 0))
+            target_bytes = {}
             for _ in range(args.loader_epochs):
                 for form, loader in loaders.items():
                     begin = time.perf_counter()
-                    samples, batches = _one_pass(loader)
+                    samples, batches, target_bytes[form] = _one_pass(loader)
                     seconds[form] += time.perf_counter() - begin
                     counts[form] = (counts[form][0] + samples, counts[form][1] + batches)
             for form in loaders:
-                rows.append(LoaderRow(form, workers, counts[form][0] / seconds[form], counts[form][1]))
+                rows.append(
+                    LoaderRow(form, workers, counts[form][0] / seconds[form], counts[form][1], target_bytes[form])
+                )
             del loaders
     return rows
 
 
-def _one_pass(loader) -> tuple[int, int]:
-    """(samples, batches) of one pass over the loader."""
-    samples = batches = 0
+TARGET_FIELDS = ("target", "target_weight", "keypoints", "keypoint_weight")
+
+
+def _one_pass(loader) -> tuple[int, int, int]:
+    """(samples, batches, target bytes of the first batch) of one pass over the loader."""
+    samples = batches = target_bytes = 0
     for batch in loader:
+        if batches == 0:
+            target_bytes = sum(batch[name].nbytes for name in TARGET_FIELDS if name in batch)
         samples += len(batch["index"])
         batches += 1
-    return samples, batches
+    return samples, batches, target_bytes
 
 
 # ------------------------------------------------------------------------------------------------
@@ -256,17 +266,21 @@ def loss_table(rows: list[LossRow]) -> str:
 
 
 def loader_table(rows: list[LoaderRow]) -> str:
-    lines = ["| workers | targets | samples/s | keypoints vs heatmaps |", "|---|---|---|---|"]
+    lines = [
+        "| workers | targets | samples/s | keypoints vs heatmaps | target bytes per batch |",
+        "|---|---|---|---|---|",
+    ]
     heatmaps = {row.workers: row.samples_per_s for row in rows if row.targets == "heatmaps"}
     for row in rows:
         ratio = "-" if row.targets == "heatmaps" else f"{row.samples_per_s / heatmaps[row.workers]:.2f}x"
-        lines.append(f"| {row.workers} | {row.targets} | {row.samples_per_s:.1f} | {ratio} |")
+        lines.append(f"| {row.workers} | {row.targets} | {row.samples_per_s:.1f} | {ratio} | {row.target_bytes} |")
     return "\n".join(lines)
 
 
 def write_csv(path: Path, loss_rows: list[LossRow], loader_rows: list[LoaderRow], info: dict[str, str]) -> None:
     fields = ["part", "batch", "teacher", "provider", "backend", "median_ms", "p20_ms", "p80_ms",
-              "unavoidable_bytes", "pct_copy_bw", "targets", "workers", "samples_per_s", "batches", *info]
+              "unavoidable_bytes", "pct_copy_bw", "targets", "workers", "samples_per_s", "batches", "target_bytes",
+              *info]
     with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields, restval="")
         writer.writeheader()
@@ -280,7 +294,8 @@ def write_csv(path: Path, loss_rows: list[LossRow], loader_rows: list[LoaderRow]
         for row in loader_rows:
             writer.writerow({
                 "part": "loader", "batch": LOADER_BATCH, "targets": row.targets, "workers": row.workers,
-                "samples_per_s": f"{row.samples_per_s:.6g}", "batches": row.batches, **info,
+                "samples_per_s": f"{row.samples_per_s:.6g}", "batches": row.batches,
+                "target_bytes": row.target_bytes, **info,
             })
 
 

@@ -7,7 +7,8 @@
 #   bash benchmarks/cuda_checks.sh test  OUT_DIR   every GPU test alongside compute-sanitizer
 #                                                  (memcheck and racecheck)
 #   bash benchmarks/cuda_checks.sh bench OUT_DIR [bench_loss.py arguments]
-#                                                  the loss benchmark and the backward comparison
+#                                                  the loss benchmark, the backward comparison and
+#                                                  the keypoint-targets benchmark
 #
 # PYTHON (default python3) runs everything; TORCH_CUDA_ARCH_LIST (default: the GPU's own) picks
 # the architectures to build for; TEST_WORKERS (default 6) the pytest-xdist workers;
@@ -55,7 +56,8 @@ smoke() {
 run_tests() {
   local started=$SECONDS
   "$PY" -m pytest -q -p no:cacheprovider -n "${TEST_WORKERS:-6}" -k cuda \
-    tests/test_cuda.py tests/test_fused_vs_reference.py tests/test_fused_ops.py > "$out/pytest.log" 2>&1 &
+    tests/test_cuda.py tests/test_fused_vs_reference.py tests/test_fused_ops.py tests/test_keypoint_loss.py \
+    > "$out/pytest.log" 2>&1 &
   local tests=$!
   compute-sanitizer --tool memcheck --leak-check no --error-exitcode 3 \
     "$PY" tests/cuda_sanitizer_cases.py > "$out/memcheck.log" 2>&1 &
@@ -79,6 +81,9 @@ case "$stage" in
       > "$out/bench.log" 2>&1
     tail -n 30 "$out/bench.log"
     "$PY" benchmarks/bench_backward.py --device cuda --batch 64,1024 | tee "$out/backward.md"
+    "$PY" benchmarks/bench_keypoint_targets.py --device cuda --backend cuda --out "$out/keypoint_targets" \
+      > "$out/keypoint_targets.log" 2>&1
+    tail -n 30 "$out/keypoint_targets.log"
     ;;
   *)
     echo "unknown stage $stage: expected build, smoke, test or bench"

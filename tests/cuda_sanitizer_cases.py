@@ -1,6 +1,7 @@
 """Runs the CUDA backend once on each kind of launch it has, forward and backward, so that
 compute-sanitizer can watch every kernel: the vectorised, strided and tiled loss kernels in each
-dtype and stencil, one-pixel-wide and empty planes, the final reduction and the gradient scaling.
+dtype and stencil, one-pixel-wide and empty planes, targets from keypoints (separable factors),
+the final reduction and the gradient scaling.
 
     compute-sanitizer --tool memcheck python tests/cuda_sanitizer_cases.py
     compute-sanitizer --tool racecheck python tests/cuda_sanitizer_cases.py
@@ -54,6 +55,25 @@ def run_case(shape, dtype, layout, stencil, teacher, reduction, target_dtype=Non
     return bool(torch.isfinite(loss).all() and torch.isfinite(pred.grad).all())
 
 
+def run_keypoint_case(shape, dtype, layout, stencil, teacher, encoding) -> bool:
+    """The loss on a target evaluated from keypoints (inside, on the border, outside and
+    invisible), through the same kernels' separable path."""
+    batch, joints, height, width = shape
+    pred = laid_out(torch.rand(shape, device="cuda", dtype=dtype), layout).requires_grad_(True)
+    size = torch.tensor([width, height], dtype=torch.float64, device="cuda")
+    keypoints = torch.rand(batch, joints, 2, device="cuda", dtype=torch.float64) * (size + 8) - 4
+    weights = (torch.rand(batch, joints, device="cuda") > 0.2).float()
+    extra = {}
+    if teacher:
+        extra = {"teacher": torch.rand(shape, device="cuda", dtype=dtype), "alpha": torch.rand(batch, device="cuda")}
+    loss = hgloss.keypoint_heatmap_loss(
+        pred, keypoints, weights, sigma=1.5, encoding=encoding, stencil=stencil, backend="cuda", **extra
+    )
+    loss.backward()
+    torch.cuda.synchronize()
+    return bool(torch.isfinite(loss).all() and torch.isfinite(pred.grad).all())
+
+
 def main() -> int:
     cases = failures = 0
     for (name, shape), stencil in itertools.product(SHAPES.items(), ("forward", "central", "sobel")):
@@ -69,6 +89,19 @@ def main() -> int:
         if not run_case(shape, torch.bfloat16, "contiguous", stencil, True, "sum", target_dtype=torch.float32):
             failures += 1
             print(f"non-finite result: {name} mixed bfloat16/float32 {stencil}")
+    for (name, shape), stencil in itertools.product(SHAPES.items(), ("forward", "central", "sobel")):
+        for dtype, layout, teacher, encoding in (
+            (torch.float32, "contiguous", True, "msra"),
+            (torch.float32, "transposed", False, "udp"),
+            (torch.bfloat16, "contiguous", True, "udp"),
+            (torch.float64, "misaligned", False, "msra"),
+        ):
+            if name != "whole-plane" and dtype != torch.float32:
+                continue
+            cases += 1
+            if not run_keypoint_case(shape, dtype, layout, stencil, teacher, encoding):
+                failures += 1
+                print(f"non-finite result: keypoints {name} {dtype} {layout} {stencil} teacher={teacher} {encoding}")
     print(f"{cases} cases, {failures} with non-finite results")
     return 1 if failures else 0
 
