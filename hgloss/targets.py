@@ -42,7 +42,7 @@ def check_encoding(encoding: str) -> None:
 
 
 def check_keypoints(pred: torch.Tensor, keypoints) -> None:
-    """keypoints must be a floating (B, K, 2) tensor on pred's device."""
+    """keypoints must be a floating (B, K, 2) tensor on the device of pred, a checked 4-D tensor."""
     if not isinstance(keypoints, torch.Tensor):
         raise TypeError(f"keypoints must be a tensor, got {type(keypoints).__name__}")
     if keypoints.dtype not in SUPPORTED_DTYPES:
@@ -51,8 +51,8 @@ def check_keypoints(pred: torch.Tensor, keypoints) -> None:
         raise ValueError(
             f"all tensors must be on one device, got pred on {pred.device}, keypoints on {keypoints.device}"
         )
-    expected = (*pred.shape[:2], 2) if pred.dim() == 4 else None
-    if expected is None or _shape(keypoints) != expected:
+    expected = (*pred.shape[:2], 2)
+    if _shape(keypoints) != expected:
         raise ValueError(
             f"keypoints shape {_shape(keypoints)} is not (B, K, 2) = {expected} for pred shape {_shape(pred)}"
         )
