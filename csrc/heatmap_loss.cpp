@@ -19,11 +19,12 @@ TORCH_LIBRARY(hgloss, m) {
   // (B, K); `alpha` is (B,) and required with a teacher.
   // The target is either `target` or separable: G[i, j] = float32(target_rows[b, k, i] *
   // target_cols[b, k, j]), float64 factors (B, K, H) and (B, K, W) (hgloss/targets.py), which
-  // the kernels evaluate in registers so that no target tensor is read.
+  // the kernels evaluate in registers so that no target tensor is read. `pixel_weight` is M,
+  // broadcastable to (B, K, H, W), any strides; no gradient flows to it from these operators.
   m.def(
       "heatmap_loss(Tensor pred, Tensor? target, Tensor? teacher, Tensor? alpha, Tensor? weight, "
       "float mse_weight, float grad_weight, str stencil, str reduction, bool compute_grad, "
-      "Tensor? target_rows=None, Tensor? target_cols=None) -> (Tensor, Tensor, Tensor)",
+      "Tensor? target_rows=None, Tensor? target_cols=None, Tensor? pixel_weight=None) -> (Tensor, Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
   // The separable targets of keypoints (B, K, 2) for an H x W heatmap, docs/spec.md section 7:
   // (rows (B, K, H), cols (B, K, W), reaches (B, K)), all float64; the factors are zero for planes

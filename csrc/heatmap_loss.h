@@ -68,6 +68,8 @@ struct HeatmapLossOutputs {
   at::Tensor terms;            // (B, K) mse_weight * V + grad_weight * R
   at::Tensor grad;             // (B, K, H, W) dL/dD when compute_grad, else (0,)
   at::Tensor alpha, weight;    // contiguous, in acc_type, weight as (B, K); undefined when not given
+  at::Tensor pixel_weight;     // the pixel weight expanded to (B, K, H, W), a view (stride 0 where
+                               // broadcast, never copied); undefined when not given
 };
 
 // hgloss.contract.check_operator_arguments, in the same order and with the same messages.
@@ -101,17 +103,21 @@ inline void check_heatmap_loss_arguments(const at::Tensor& pred, const std::opti
                                          const std::optional<at::Tensor>& weight, double mse_weight,
                                          double grad_weight, c10::string_view stencil, c10::string_view reduction,
                                          const std::optional<at::Tensor>& target_rows,
-                                         const std::optional<at::Tensor>& target_cols) {
+                                         const std::optional<at::Tensor>& target_cols,
+                                         const std::optional<at::Tensor>& pixel_weight) {
   check_separable_target(pred, target, target_rows, target_cols);
   check_dtype(pred, "pred");
   if (target) check_dtype(*target, "target");
   if (teacher.has_value()) check_dtype(*teacher, "teacher");
   if (weight.has_value()) check_dtype(*weight, "weight");
   if (alpha.has_value()) check_dtype(*alpha, "alpha");
+  if (pixel_weight.has_value()) check_dtype(*pixel_weight, "pixel_weight");
 
   const bool one_device = (!target || target->device() == pred.device()) &&
                           (!teacher || teacher->device() == pred.device()) &&
-                          (!weight || weight->device() == pred.device()) && (!alpha || alpha->device() == pred.device());
+                          (!weight || weight->device() == pred.device()) &&
+                          (!alpha || alpha->device() == pred.device()) &&
+                          (!pixel_weight || pixel_weight->device() == pred.device());
   if (!one_device) {
     std::ostringstream listed;
     listed << "pred on " << pred.device();
@@ -119,6 +125,7 @@ inline void check_heatmap_loss_arguments(const at::Tensor& pred, const std::opti
     if (teacher) listed << ", teacher on " << teacher->device();
     if (weight) listed << ", weight on " << weight->device();
     if (alpha) listed << ", alpha on " << alpha->device();
+    if (pixel_weight) listed << ", pixel_weight on " << pixel_weight->device();
     TORCH_CHECK_VALUE(false, "all tensors must be on one device, got ", listed.str());
   }
 
@@ -141,6 +148,17 @@ inline void check_heatmap_loss_arguments(const at::Tensor& pred, const std::opti
     TORCH_CHECK_VALUE(accepted, "weight shape ", shape_string(weight->sizes()), " is not one of [(", B, ", ", K, "), (", B,
                       ", ", K, ", 1), (", B, ", ", K, ", 1, 1)] for pred shape ", shape_string(pred.sizes()));
   }
+  if (pixel_weight) {
+    // Broadcastable to (B, K, H, W): right-aligned, each size equal or 1, at most 4 dimensions.
+    const int64_t dims = pixel_weight->dim();
+    bool broadcasts = dims <= 4;
+    for (int64_t d = 1; broadcasts && d <= dims; ++d) {
+      const int64_t size = pixel_weight->size(dims - d);
+      broadcasts = size == 1 || size == pred.size(4 - d);
+    }
+    TORCH_CHECK_VALUE(broadcasts, "pixel_weight shape ", shape_string(pixel_weight->sizes()),
+                      " does not broadcast to pred shape ", shape_string(pred.sizes()), " (B, K, H, W)");
+  }
   if (alpha) {
     TORCH_CHECK_VALUE(alpha->dim() == 1 && alpha->size(0) == B, "alpha tensor must have shape (", B,
                       ",) for batch size ", B, ", got ", shape_string(alpha->sizes()));
@@ -156,8 +174,10 @@ inline void check_heatmap_loss_arguments(const at::Tensor& pred, const std::opti
 
 // The outputs on pred's device, for arguments that passed check_heatmap_loss_arguments.
 inline HeatmapLossOutputs prepare_heatmap_loss(const at::Tensor& pred, const std::optional<at::Tensor>& alpha,
-                                               const std::optional<at::Tensor>& weight, c10::string_view stencil,
-                                               c10::string_view reduction, bool compute_grad) {
+                                               const std::optional<at::Tensor>& weight,
+                                               const std::optional<at::Tensor>& pixel_weight,
+                                               c10::string_view stencil, c10::string_view reduction,
+                                               bool compute_grad) {
   const int64_t B = pred.size(0), K = pred.size(1), H = pred.size(2), W = pred.size(3);
   HeatmapLossOutputs out;
   out.mean = reduction == "mean";
@@ -175,6 +195,7 @@ inline HeatmapLossOutputs prepare_heatmap_loss(const at::Tensor& pred, const std
   out.grad = at::empty(compute_grad ? at::IntArrayRef{B, K, H, W} : at::IntArrayRef{0}, pred.options().dtype(grad_type));
   if (alpha) out.alpha = alpha->to(out.acc_type).contiguous();
   if (weight) out.weight = weight->reshape({B, K}).to(out.acc_type).contiguous();
+  if (pixel_weight) out.pixel_weight = pixel_weight->expand(pred.sizes());
   return out;
 }
 

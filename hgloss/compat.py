@@ -159,9 +159,9 @@ class KeypointMSELoss(nn.Module):
     the per-plane factors of M weight the plane and the per-pixel ones weight each entry
     (hgloss.heatmap_gradient_loss's target_weight and pixel_weight).
 
-    Per-keypoint factors alone ((B, K) weights, per-plane masks, ``skip_empty_channel``) are
-    computed by any backend; a per-pixel weight or mask by the reference backend, for now
-    (``backend="auto"`` picks it; a fused backend named at construction raises ValueError then).
+    Every backend computes every form. A per-pixel weight or mask that requires grad is
+    differentiated by the reference backend only (``backend="auto"`` picks it; a fused backend
+    named at construction raises ValueError then).
     """
 
     def __init__(

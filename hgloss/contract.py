@@ -93,7 +93,7 @@ def check_loss_arguments(
     The public function takes a float or (B,) alpha, a (B, K), (B, K, 1) or (B, K, 1, 1)
     target_weight and a pixel_weight broadcastable to (B, K, H, W) (any strides). A fused
     operator (`operator=True`) takes a (B,) alpha tensor, required with a teacher and otherwise
-    optional, the same weight shapes under the name "weight", and no pixel_weight. With
+    optional, and the same weight shapes under the name "weight". With
     `target_optional` the target may be None: the caller supplies it in another form (separable
     factors, keypoints) and checks that form itself; `weight_name` names the weight in messages."""
     weight_name = weight_name or ("weight" if operator else "target_weight")
@@ -171,7 +171,7 @@ def check_pixel_weight_shape(pixel_weight: torch.Tensor, pred: torch.Tensor) -> 
 
 def check_operator_arguments(
     pred, target, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction, target_rows=None,
-    target_cols=None,
+    target_cols=None, pixel_weight=None,
 ) -> None:
     """The checks of a direct call of a fused operator: as the public function's, except that
     alpha is a (B,) tensor or None (required with a teacher), and that the target is either a
@@ -181,8 +181,21 @@ def check_operator_arguments(
     check_separable_target(pred, target, target_rows, target_cols)
     check_loss_arguments(
         pred, target, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction, operator=True,
-        target_optional=True,
+        pixel_weight=pixel_weight, target_optional=True,
     )
+
+
+# The fused operators give no gradient for a pixel weight; one that asks for it is refused
+# rather than left at a silent zero. The C++ autograd raises the same message.
+PIXEL_WEIGHT_GRAD_MESSAGE = (
+    "pixel_weight requires grad, and only the reference backend differentiates it; "
+    "use backend='reference', or pass pixel_weight.detach()"
+)
+
+
+def pixel_weight_wants_grad(pixel_weight: torch.Tensor | None) -> bool:
+    """Whether a pixel weight would need a gradient from this call."""
+    return pixel_weight is not None and pixel_weight.requires_grad and torch.is_grad_enabled()
 
 
 def check_separable_target(pred, target, target_rows, target_cols) -> None:
@@ -225,12 +238,13 @@ def operator_outputs(pred: torch.Tensor, reduction: str, compute_grad: bool):
 
 def fake_heatmap_loss(
     pred, target, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction, compute_grad,
-    target_rows=None, target_cols=None,
+    target_rows=None, target_cols=None, pixel_weight=None,
 ):
     """The fake (meta) implementation shared by every fused operator: the checks, then outputs
     of the right shapes and dtypes."""
     check_operator_arguments(
-        pred, target, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction, target_rows, target_cols
+        pred, target, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction, target_rows, target_cols,
+        pixel_weight,
     )
     return operator_outputs(pred, reduction, compute_grad)
 

@@ -182,9 +182,9 @@ def heatmap_gradient_loss(
             (|grad P| - |grad T|)^2 over the positions where both maps are defined. The magnitude
             form is computed by the reference backend only ("auto" picks it).
         pixel_weight: per-pixel weights M, a floating tensor broadcastable to (B, K, H, W), e.g.
-            (B, 1, H, W) or (H, W); any strides (an expanded tensor is not copied). It may
-            require grad. Computed by the reference backend only, for now ("auto" picks it; a
-            fused backend named with it raises ValueError).
+            (B, 1, H, W) or (H, W); any strides (an expanded tensor is not copied). It may require grad; its gradient is computed by the
+            reference backend only ("auto" then picks it; a fused backend named raises
+            ValueError).
 
     Returns:
         The loss, float64 for a float64 pred and float32 otherwise.
@@ -207,9 +207,9 @@ def heatmap_gradient_loss(
     if gradient_form != "components":
         check_gradient_form(gradient_form, backend)
         backend = "reference"
-    if pixel_weight is not None:
+    if contract.pixel_weight_wants_grad(pixel_weight):
         check_backend_name(backend)
-        _check_reference_only("pixel_weight", backend)
+        _check_reference_only("the gradient of pixel_weight", backend)
         backend = "reference"
     backend = resolve_backend(backend, pred.device)
     return _run(
@@ -320,7 +320,7 @@ def _compute(backend, pred, target, teacher, blend, target_weight, pixel_weight,
         rows, cols = target_factors or (None, None)
         return ops.fused_heatmap_loss(
             backend, pred, target, teacher, blend, target_weight, mse_weight, grad_weight, stencil, reduction, rows,
-            cols,
+            cols, pixel_weight,
         )
     if target is None:
         target = targets.materialise(*target_factors)

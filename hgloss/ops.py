@@ -129,9 +129,13 @@ def is_traced(tensor: torch.Tensor) -> bool:
 
 
 def _triton_setup_context(ctx, inputs, output):
-    pred, target, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction, _, rows, cols = inputs
+    pred, target, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction, _, rows, cols, pixel = inputs
+    if ctx.needs_input_grad[12]:
+        # The autograd of a Python operator first sees its inputs here, after the forward: the
+        # C++ one refuses the call before its kernel.
+        raise ValueError(contract.PIXEL_WEIGHT_GRAD_MESSAGE)
     _, terms, grad = output
-    ctx.save_for_backward(grad, terms, pred, target, teacher, alpha, weight, rows, cols)
+    ctx.save_for_backward(grad, terms, pred, target, teacher, alpha, weight, rows, cols, pixel)
     ctx.settings = (mse_weight, grad_weight, stencil, reduction)
     ctx.gradient_consumed = False
     # terms and grad exist for the backward only: no gradient flows through them, and none is
@@ -143,10 +147,10 @@ def _triton_setup_context(ctx, inputs, output):
 def _triton_backward(ctx, grad_loss, _grad_of_terms, _grad_of_saved_gradient):
     if torch.is_grad_enabled():
         raise RuntimeError(DOUBLE_BACKWARD_MESSAGE)
-    grads = [None] * 12  # one per forward argument; none for the target's factors
+    grads = [None] * 13  # one per forward argument; none for the target's factors or pixel_weight
     if grad_loss is None:
         return tuple(grads)
-    grad, terms, pred, target, teacher, alpha, weight, rows, cols = ctx.saved_tensors
+    grad, terms, pred, target, teacher, alpha, weight, rows, cols, pixel = ctx.saved_tensors
     mse_weight, grad_weight, stencil, reduction = ctx.settings
     needs_pred, needs_target, needs_teacher, _, needs_weight = ctx.needs_input_grad[:5]
     needs_target = needs_target and target is not None
@@ -166,7 +170,8 @@ def _triton_backward(ctx, grad_loss, _grad_of_terms, _grad_of_saved_gradient):
         if ctx.gradient_consumed or grad.shape != pred.shape:
             # Consumed by an earlier backward, or never computed: one more forward pass.
             _, _, grad = torch.ops.hgloss.triton_heatmap_loss(
-                pred, target, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction, True, rows, cols
+                pred, target, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction, True, rows, cols,
+                pixel,
             )
         ctx.gradient_consumed = True
         _triton_backend.scale_gradient_(grad, upstream)
@@ -182,18 +187,24 @@ def _triton_backward(ctx, grad_loss, _grad_of_terms, _grad_of_saved_gradient):
 
 def fused_heatmap_loss(
     backend, pred, target, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction, target_rows=None,
-    target_cols=None,
+    target_cols=None, pixel_weight=None,
 ):
     """The loss from the operator of a fused backend, on checked arguments; `weight` is (B, K),
     (B, K, 1), (B, K, 1, 1) or None and `alpha` a (B,) tensor, or None without a teacher. The
-    target is a tensor, or (target None) the separable factors of hgloss.targets."""
+    target is a tensor, or (target None) the separable factors of hgloss.targets. A pixel_weight
+    must not require grad while grad mode is on (the operators give it no gradient)."""
     compute_grad = torch.is_grad_enabled() and (
         pred.requires_grad
         or (target is not None and target.requires_grad)
         or (teacher is not None and teacher.requires_grad)
     )
     operator = getattr(torch.ops.hgloss, OPERATOR_NAMES[backend])
-    if target is None:
+    if pixel_weight is not None:
+        loss, _, _ = operator(
+            pred, target, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction, compute_grad, target_rows,
+            target_cols, pixel_weight,
+        )
+    elif target is None:
         loss, _, _ = operator(
             pred, None, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction, compute_grad, target_rows,
             target_cols,

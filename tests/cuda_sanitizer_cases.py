@@ -1,7 +1,7 @@
 """Runs the CUDA backend once on each kind of launch it has, forward and backward, so that
 compute-sanitizer can watch every kernel: the vectorised, strided and tiled loss kernels in each
 dtype and stencil, one-pixel-wide and empty planes, targets from keypoints (separable factors),
-the final reduction and the gradient scaling.
+pixel weights in each form they broadcast from, the final reduction and the gradient scaling.
 
     compute-sanitizer --tool memcheck python tests/cuda_sanitizer_cases.py
     compute-sanitizer --tool racecheck python tests/cuda_sanitizer_cases.py
@@ -16,6 +16,7 @@ import sys
 import torch
 
 import hgloss
+from hgloss import targets
 
 SHAPES = {
     "whole-plane": (2, 5, 64, 48),
@@ -28,6 +29,14 @@ SHAPES = {
 }
 LAYOUTS = ("contiguous", "transposed", "misaligned")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# (form, pred dtype, pixel weight dtype): every pred dtype, so every pixel-weighted kernel, and M
+# in a dtype other than pred's
+PIXEL_WEIGHT_CASES = (
+    ("full", torch.float32, torch.float32),
+    ("per-sample", torch.bfloat16, torch.float16),
+    ("per-joint-column", torch.float64, torch.float32),
+    ("plane", torch.float16, torch.float64),
+)
 
 
 def laid_out(values: torch.Tensor, layout: str) -> torch.Tensor:
@@ -74,6 +83,49 @@ def run_keypoint_case(shape, dtype, layout, stencil, teacher, encoding) -> bool:
     return bool(torch.isfinite(loss).all() and torch.isfinite(pred.grad).all())
 
 
+def pixel_weight(shape, form, dtype, layout="contiguous") -> torch.Tensor:
+    """A pixel weight that broadcasts to `shape`: (B, K, H, W), (B, 1, H, W), (1, K, 1, W) or (H, W)."""
+    batch, joints, height, width = shape
+    size = {
+        "full": (batch, joints, height, width),
+        "per-sample": (batch, 1, height, width),
+        "per-joint-column": (1, joints, 1, width),
+        "plane": (height, width),
+    }[form]
+    weight = torch.rand(size, device="cuda", dtype=dtype)
+    return laid_out(weight, layout) if weight.dim() == 4 else weight
+
+
+def run_pixel_weight_case(shape, dtype, layout, stencil, form, weight_dtype) -> bool:
+    """The loss with a pixel weight: kernels of their own, strided, reading M at the tiles' rings."""
+    pred = laid_out(torch.rand(shape, device="cuda", dtype=dtype), layout).requires_grad_(True)
+    target = laid_out(torch.rand(shape, device="cuda", dtype=dtype), layout)
+    teacher = torch.rand(shape, device="cuda", dtype=dtype)
+    loss = hgloss.heatmap_gradient_loss(
+        pred, target, torch.rand(shape[:2], device="cuda"), teacher=teacher, alpha=torch.rand(shape[0], device="cuda"),
+        stencil=stencil, backend="cuda", pixel_weight=pixel_weight(shape, form, weight_dtype, layout),
+    )
+    loss.backward()
+    torch.cuda.synchronize()
+    return bool(torch.isfinite(loss).all() and torch.isfinite(pred.grad).all())
+
+
+def run_separable_pixel_weight_case(shape, dtype, stencil) -> bool:
+    """A pixel weight with a target from keypoints: the operator itself, which takes both (the
+    public keypoint loss passes no pixel weight)."""
+    batch, joints, height, width = shape
+    size = torch.tensor([width, height], dtype=torch.float64, device="cuda")
+    keypoints = torch.rand(batch, joints, 2, device="cuda", dtype=torch.float64) * (size + 8) - 4
+    rows, cols, _ = targets.gaussian_factors(keypoints, None, height, width, 1.5, "msra")
+    pred = torch.rand(shape, device="cuda", dtype=dtype)
+    loss, _, grad = torch.ops.hgloss.heatmap_loss(
+        pred, None, None, None, None, 1.0, 1.0, stencil, "mean", True, rows, cols,
+        pixel_weight(shape, "per-sample", torch.float32),
+    )
+    torch.cuda.synchronize()
+    return bool(torch.isfinite(loss).all() and torch.isfinite(grad).all())
+
+
 def main() -> int:
     cases = failures = 0
     for (name, shape), stencil in itertools.product(SHAPES.items(), ("forward", "central", "sobel")):
@@ -102,6 +154,22 @@ def main() -> int:
             if not run_keypoint_case(shape, dtype, layout, stencil, teacher, encoding):
                 failures += 1
                 print(f"non-finite result: keypoints {name} {dtype} {layout} {stencil} teacher={teacher} {encoding}")
+    for (name, shape), stencil in itertools.product(SHAPES.items(), ("forward", "central", "sobel")):
+        for form, dtype, weight_dtype in PIXEL_WEIGHT_CASES:
+            if name != "whole-plane" and form != "full":
+                continue  # every form and dtype on whole planes; float32 elsewhere
+            layout = "transposed" if form == "full" else "contiguous"
+            cases += 1
+            if not run_pixel_weight_case(shape, dtype, layout, stencil, form, weight_dtype):
+                failures += 1
+                print(f"non-finite result: pixel weight {name} {dtype} {layout} {stencil} {form} {weight_dtype}")
+        for dtype in (torch.float32, torch.bfloat16, torch.float64):
+            if name != "whole-plane" and dtype != torch.float32:
+                continue
+            cases += 1
+            if not run_separable_pixel_weight_case(shape, dtype, stencil):
+                failures += 1
+                print(f"non-finite result: keypoints with a pixel weight {name} {dtype} {stencil}")
     print(f"{cases} cases, {failures} with non-finite results")
     return 1 if failures else 0
 

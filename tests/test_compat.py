@@ -195,8 +195,7 @@ def mmpose_mask(kind, shape, generator):
 @pytest.mark.parametrize("mask", [None, "plane", "sample", "full", "per_sample"])
 def test_keypoint_mse_loss_matches_mmpose(backend, use_target_weight, skip_empty_channel, weights, mask, generator):
     """Every option of mmpose 1.x's KeypointMSELoss; loss_weight and a target that requires
-    grad vary with the case. Per-keypoint factors run on every backend; per-pixel ones on the
-    reference backend (a fused backend named for them says so)."""
+    grad vary with the case, and every backend computes every form."""
     output, target = mmpose_case(generator, target_requires_grad=weights == "keypoint")
     target_weights = mmpose_weights(weights, output.shape, generator)
     mask_tensor = mmpose_mask(mask, output.shape, generator)
@@ -205,12 +204,6 @@ def test_keypoint_mse_loss_matches_mmpose(backend, use_target_weight, skip_empty
         use_target_weight=use_target_weight, skip_empty_channel=skip_empty_channel, loss_weight=loss_weight,
         backend=backend,
     )
-    pixel_wise = weights == "pixel" or mask in ("full", "per_sample")
-    if pixel_wise and backend not in ("auto", "reference"):
-        message = f"pixel_weight is computed by the reference backend only, not by '{backend}'"
-        with pytest.raises(ValueError, match=message):
-            criterion(output, target, target_weights, mask_tensor)
-        return
     ours = criterion(output, target, target_weights, mask_tensor)
     theirs = mmpose_keypoint_mse_loss(
         output, target, target_weights, mask_tensor, skip_empty_channel=skip_empty_channel, loss_weight=loss_weight

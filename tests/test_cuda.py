@@ -1,6 +1,6 @@
 """What is particular to the CUDA backend: when it is available and why not, its just-in-time
-build, its whole-plane, strided and tiled paths, big and degenerate planes, CUDA graph capture,
-host synchronisation and memory.
+build, its whole-plane, strided and tiled paths, big and degenerate planes, pixel weights, CUDA
+graph capture, host synchronisation and memory.
 
 The shared matrices (test_fused_vs_reference.py, test_fused_ops.py) run the CUDA backend like
 every fused backend, where a GPU is present: accuracy per dtype, every shape, stencil,
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import hgloss
-from hgloss import functional
+from hgloss import functional, targets
 from hgloss.backends import _build
 
 from conftest import ROOT, grad_error, heatmaps, loss_error
@@ -149,6 +149,113 @@ def test_every_float32_layout_matches_the_float64_reference(stencil, shape, gene
         (grad,) = torch.autograd.grad(loss, pred, upstream)
         assert loss_error(loss, ref) <= 1e-5, layout
         assert grad_error(grad, ref_grad) <= 1e-5, layout
+
+
+def pixel_weight_of(form, shape, generator, dtype=torch.float64):
+    """A pixel weight in [0, 1) on the GPU, in one of the forms that broadcast to `shape`: full
+    (B, K, H, W), per sample (B, 1, H, W), per joint and column (1, K, 1, W), one (H, W) plane,
+    or a full one transposed (strided rows)."""
+    batch, joints, height, width = shape
+    if form == "transposed":
+        return pixel_weight_of("full", (batch, joints, width, height), generator, dtype).transpose(2, 3)
+    size = {
+        "full": (batch, joints, height, width),
+        "per-sample": (batch, 1, height, width),
+        "per-joint-column": (1, joints, 1, width),
+        "plane": (height, width),
+    }[form]
+    return torch.rand(size, generator=generator, dtype=torch.float64).to(dtype).cuda()
+
+
+def assert_pixel_weighted_matches_reference(shape, dtype, pixel_weight, stencil, generator, tolerance):
+    """Loss per plane and pred.grad, with a teacher and target weights, against the reference in
+    float64 on the same (upcast) inputs."""
+    pred = heatmaps(shape, dtype, "cuda", generator).requires_grad_(True)
+    target = heatmaps(shape, dtype, "cuda", generator)
+    teacher = heatmaps(shape, dtype, "cuda", generator)
+    alpha = torch.rand(shape[0], generator=generator).cuda()
+    weight = torch.rand(shape[:2], generator=generator).cuda()
+    upstream = torch.randn(shape[:2], generator=generator, dtype=torch.float64).cuda()
+    pred64 = pred.detach().double().requires_grad_(True)
+    ref = hgloss.heatmap_gradient_loss(
+        pred64, target.double(), weight.double(), teacher=teacher.double(), alpha=alpha.double(), stencil=stencil,
+        reduction="none", backend="reference", pixel_weight=pixel_weight.double(),
+    )
+    ref.backward(upstream)
+    loss = hgloss.heatmap_gradient_loss(
+        pred, target, weight, teacher=teacher, alpha=alpha, stencil=stencil, reduction="none", backend="cuda",
+        pixel_weight=pixel_weight,
+    )
+    loss.backward(upstream.to(loss.dtype))
+    assert loss_error(loss, ref) <= tolerance
+    assert grad_error(pred.grad, pred64.grad) <= tolerance
+
+
+@needs_cuda
+@pytest.mark.parametrize("stencil", STENCILS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize(
+    "shape, form",
+    [
+        ((2, 3, 300, 300), "full"),  # tiled: M at the tiles' rings
+        ((2, 3, 300, 300), "per-joint-column"),
+        ((2, 3, 1, 9000), "per-sample"),  # tiled, one pixel high
+        ((2, 3, 9000, 1), "plane"),  # tiled, one pixel wide
+        ((4, 17, 64, 48), "full"),  # whole planes
+        ((4, 17, 64, 48), "per-sample"),
+        ((4, 17, 64, 48), "per-joint-column"),
+        ((4, 17, 64, 48), "plane"),
+        ((2, 5, 33, 17), "transposed"),
+    ],
+    ids=lambda case: "x".join(map(str, case)) if isinstance(case, tuple) else case,
+)
+def test_pixel_weight_matches_the_reference(stencil, dtype, shape, form, generator):
+    pixel_weight = pixel_weight_of(form, shape, generator, dtype)
+    assert_pixel_weighted_matches_reference(shape, dtype, pixel_weight, stencil, generator, 1e-5)
+
+
+@needs_cuda
+@pytest.mark.parametrize("stencil", STENCILS)
+@pytest.mark.parametrize(
+    "pred_dtype, weight_dtype, tolerance",
+    [
+        (torch.float32, torch.float16, 1e-5),
+        (torch.float32, torch.bfloat16, 1e-5),
+        (torch.bfloat16, torch.float16, 1e-2),  # docs/spec.md section 1: bfloat16 inputs
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("shape", [(4, 17, 64, 48), (2, 3, 300, 200)], ids=lambda s: "x".join(map(str, s)))
+def test_half_precision_pixel_weight_matches_the_reference(stencil, pred_dtype, weight_dtype, tolerance, shape,
+                                                          generator):
+    """M in a dtype of its own, read as it is stored: the reference upcasts the same values."""
+    pixel_weight = pixel_weight_of("per-sample", shape, generator, weight_dtype)
+    assert_pixel_weighted_matches_reference(shape, pred_dtype, pixel_weight, stencil, generator, tolerance)
+
+
+@needs_cuda
+@pytest.mark.parametrize("stencil", STENCILS)
+@pytest.mark.parametrize("shape", [(4, 17, 64, 48), (2, 3, 300, 200)], ids=lambda s: "x".join(map(str, s)))
+def test_pixel_weight_with_a_separable_target_matches_the_reference(stencil, shape, generator):
+    """A target from keypoints reaches the kernels as separable factors; the operator takes a pixel
+    weight with them too (the public keypoint loss does not pass one)."""
+    batch, joints, height, width = shape
+    functional.resolve_backend("cuda", torch.device("cuda"))  # loads the kernels the operator runs
+    keypoints = torch.rand(batch, joints, 2, generator=generator, dtype=torch.float64) * torch.tensor([width, height])
+    rows, cols, _ = targets.gaussian_factors(keypoints.cuda(), None, height, width, 2.0, "msra")
+    pred = heatmaps(shape, torch.float32, "cuda", generator)
+    pixel_weight = pixel_weight_of("per-joint-column", shape, generator)
+    loss, _, grad = torch.ops.hgloss.heatmap_loss(
+        pred, None, None, None, None, 1.0, 1.0, stencil, "mean", True, rows, cols, pixel_weight
+    )
+    pred64 = pred.double().requires_grad_(True)
+    ref = hgloss.heatmap_gradient_loss(
+        pred64, targets.materialise(rows, cols).double(), stencil=stencil, backend="reference",
+        pixel_weight=pixel_weight,
+    )
+    (ref_grad,) = torch.autograd.grad(ref, pred64)
+    assert loss_error(loss, ref) <= 1e-5
+    assert grad_error(grad, ref_grad) <= 1e-5
 
 
 @needs_cuda

@@ -67,6 +67,15 @@ BAD_CALLS = [
     ({"grad_weight": math.inf}, ValueError, "grad_weight must be finite and >= 0, got inf"),
     ({"stencil": "scharr"}, ValueError, "unknown stencil 'scharr'; expected one of ['forward', 'central', 'sobel']"),
     ({"reduction": "avg"}, ValueError, "unknown reduction 'avg'; expected one of ['mean', 'sum', 'none']"),
+    ({"target_rows": None, "target_cols": None, "pixel_weight": torch.ones(2, 1, 6, 5, dtype=torch.int64)}, TypeError,
+     "pixel_weight must have a floating dtype (float16, bfloat16, float32 or float64), got torch.int64"),
+    ({"target_rows": None, "target_cols": None, "pixel_weight": torch.ones(6, 5, device="meta")}, ValueError,
+     "all tensors must be on one device, got pred on cpu, target on cpu, teacher on cpu, weight on cpu, alpha on cpu, "
+     "pixel_weight on meta"),
+    ({"target_rows": None, "target_cols": None, "pixel_weight": torch.ones(2, 3, 5, 6)}, ValueError,
+     "pixel_weight shape (2, 3, 5, 6) does not broadcast to pred shape (2, 3, 6, 5) (B, K, H, W)"),
+    ({"target_rows": None, "target_cols": None, "pixel_weight": torch.ones(1, 2, 3, 6, 5)}, ValueError,
+     "pixel_weight shape (1, 2, 3, 6, 5) does not broadcast to pred shape (2, 3, 6, 5) (B, K, H, W)"),
 ]
 
 

@@ -48,17 +48,22 @@ def variants():
     """(description, kernel, pointer dtypes, constexprs, warps, must not spill)."""
     for stencil in STENCILS:
         tile, warps = triton_backend.TILE_CONFIG[stencil]
-        for pred, grad, contiguous, wide, with_inputs, separable in (
-            ("fp32", "fp32", True, False, True, False),
-            ("fp32", "fp32", False, False, True, False),
-            ("fp32", "fp32", False, True, True, False),
-            ("fp32", "fp32", True, False, False, False),
-            ("bf16", "bf16", True, False, True, False),
-            ("fp16", "fp32", True, False, True, False),
-            ("fp64", "fp64", True, False, True, False),
-            ("fp32", "fp32", True, False, True, True),
-            ("fp32", "fp32", True, False, False, True),
-            ("bf16", "bf16", True, False, True, True),
+        # pixel: the pixel weight's dtype, or None without one.
+        for pred, grad, contiguous, wide, with_inputs, separable, pixel in (
+            ("fp32", "fp32", True, False, True, False, None),
+            ("fp32", "fp32", False, False, True, False, None),
+            ("fp32", "fp32", False, True, True, False, None),
+            ("fp32", "fp32", True, False, False, False, None),
+            ("bf16", "bf16", True, False, True, False, None),
+            ("fp16", "fp32", True, False, True, False, None),
+            ("fp64", "fp64", True, False, True, False, None),
+            ("fp32", "fp32", True, False, True, True, None),
+            ("fp32", "fp32", True, False, False, True, None),
+            ("bf16", "bf16", True, False, True, True, None),
+            ("fp32", "fp32", True, False, True, False, "fp32"),
+            ("fp32", "fp32", True, False, False, False, "fp16"),
+            ("bf16", "bf16", False, False, True, False, "fp32"),
+            ("fp32", "fp32", True, False, True, True, "fp32"),
         ):
             accumulation = "fp64" if pred == "fp64" else "fp32"
             # A separable target: no target tensor, float64 row and column factors.
@@ -67,7 +72,7 @@ def variants():
             pointers = {
                 "pred_ptr": pred, **target, "teacher_ptr": pred if with_inputs else None,
                 "blend_ptr": accumulation if with_inputs else None, "weight_ptr": pred if with_inputs else None,
-                "partials_ptr": accumulation, "grad_ptr": grad,
+                "pixel_ptr": pixel, "partials_ptr": accumulation, "grad_ptr": grad,
             }
             constexprs = dict(
                 **triton_backend.stencil_constants(stencil),
@@ -76,6 +81,7 @@ def variants():
             )
             layout = ("contiguous" if contiguous else "strided") + (" int64" if wide else "")
             extras = ("teacher+weight" if with_inputs else "plain") + (" separable" if separable else "")
+            extras += f" pixel {pixel}" if pixel else ""
             description = f"tile {stencil} {pred} {layout} {extras}"
             yield description, triton_backend._plane_tile_kernel, pointers, constexprs, warps, accumulation == "fp32"
     for accumulation in ("fp32", "fp64"):

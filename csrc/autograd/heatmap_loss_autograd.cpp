@@ -32,20 +32,26 @@ using HeatmapLossResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
 using OptionalTensor = std::optional<at::Tensor>;
 
+// hgloss.contract.PIXEL_WEIGHT_GRAD_MESSAGE.
+constexpr const char* PIXEL_WEIGHT_GRAD_MESSAGE =
+    "pixel_weight requires grad, and only the reference backend differentiates it; "
+    "use backend='reference', or pass pixel_weight.detach()";
+
 HeatmapLossResult call_heatmap_loss(const at::Tensor& pred, const OptionalTensor& target, const OptionalTensor& teacher,
                                     const OptionalTensor& alpha, const OptionalTensor& weight, double mse_weight,
                                     double grad_weight, c10::string_view stencil, c10::string_view reduction,
                                     bool compute_grad, const OptionalTensor& target_rows,
-                                    const OptionalTensor& target_cols) {
+                                    const OptionalTensor& target_cols, const OptionalTensor& pixel_weight) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("hgloss::heatmap_loss", "")
           .typed<HeatmapLossResult(const at::Tensor&, const OptionalTensor&, const OptionalTensor&,
                                    const OptionalTensor&, const OptionalTensor&, double, double, c10::string_view,
-                                   c10::string_view, bool, const OptionalTensor&, const OptionalTensor&)>();
+                                   c10::string_view, bool, const OptionalTensor&, const OptionalTensor&,
+                                   const OptionalTensor&)>();
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   return op.call(pred, target, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction, compute_grad,
-                 target_rows, target_cols);
+                 target_rows, target_cols, pixel_weight);
 }
 
 void call_scale_gradient_(const at::Tensor& grad, const at::Tensor& scale) {
@@ -72,12 +78,14 @@ class HeatmapLossFunction : public torch::autograd::Function<HeatmapLossFunction
                                const OptionalTensor& teacher, const OptionalTensor& alpha, const OptionalTensor& weight,
                                double mse_weight, double grad_weight, c10::string_view stencil,
                                c10::string_view reduction, bool compute_grad, const OptionalTensor& target_rows,
-                               const OptionalTensor& target_cols) {
+                               const OptionalTensor& target_cols, const OptionalTensor& pixel_weight) {
     auto [loss, terms, grad] = call_heatmap_loss(pred, target, teacher, alpha, weight, mse_weight, grad_weight,
-                                                 stencil, reduction, compute_grad, target_rows, target_cols);
+                                                 stencil, reduction, compute_grad, target_rows, target_cols,
+                                                 pixel_weight);
     ctx->save_for_backward({grad, terms, pred, target.value_or(at::Tensor()), teacher.value_or(at::Tensor()),
                             alpha.value_or(at::Tensor()), weight.value_or(at::Tensor()),
-                            target_rows.value_or(at::Tensor()), target_cols.value_or(at::Tensor())});
+                            target_rows.value_or(at::Tensor()), target_cols.value_or(at::Tensor()),
+                            pixel_weight.value_or(at::Tensor())});
     ctx->saved_data["mse_weight"] = mse_weight;
     ctx->saved_data["grad_weight"] = grad_weight;
     ctx->saved_data["stencil"] = std::string(stencil);
@@ -94,7 +102,7 @@ class HeatmapLossFunction : public torch::autograd::Function<HeatmapLossFunction
     TORCH_CHECK(!at::GradMode::is_enabled(),
                 "hgloss: double backward is not supported by the fused backends; "
                 "use backend='reference' for higher-order gradients");
-    variable_list grads(12);  // one per forward argument; none for the target's factors
+    variable_list grads(13);  // one per forward argument; none for the target's factors or pixel_weight
     const at::Tensor& grad_loss = grad_outputs[0];
     if (!grad_loss.defined()) return grads;
     const variable_list saved = ctx->get_saved_variables();
@@ -142,7 +150,7 @@ class HeatmapLossFunction : public torch::autograd::Function<HeatmapLossFunction
                                            ctx->saved_data["grad_weight"].toDouble(),
                                            ctx->saved_data["stencil"].toStringRef(),
                                            ctx->saved_data["reduction"].toStringRef(), true, optional_of(saved[7]),
-                                           optional_of(saved[8])));
+                                           optional_of(saved[8]), optional_of(saved[9])));
     }
     ctx->saved_data["gradient_consumed"] = true;
     call_scale_gradient_(grad, upstream);
@@ -154,10 +162,15 @@ HeatmapLossResult heatmap_loss_autograd(const at::Tensor& pred, const OptionalTe
                                         const OptionalTensor& teacher, const OptionalTensor& alpha,
                                         const OptionalTensor& weight, double mse_weight, double grad_weight,
                                         c10::string_view stencil, c10::string_view reduction, bool compute_grad,
-                                        const OptionalTensor& target_rows, const OptionalTensor& target_cols) {
+                                        const OptionalTensor& target_rows, const OptionalTensor& target_cols,
+                                        const OptionalTensor& pixel_weight) {
+  // Refused before any kernel runs: the backward has no gradient for M, and leaving it at none
+  // would be a silent zero.
+  TORCH_CHECK_VALUE(!(pixel_weight && pixel_weight->requires_grad() && at::GradMode::is_enabled()),
+                    PIXEL_WEIGHT_GRAD_MESSAGE);
   const variable_list outputs =
       HeatmapLossFunction::apply(pred, target, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction,
-                                 compute_grad, target_rows, target_cols);
+                                 compute_grad, target_rows, target_cols, pixel_weight);
   return {outputs[0], outputs[1], outputs[2]};
 }
 

@@ -7,7 +7,9 @@
 // rows[i] * cols[j], hgloss/targets.py), in which case no target is read at all.
 // At 64x48 the scratch (D, Ax and Ay, 38 KiB in float32) stays in L2, so per
 // pixel the kernel reads P, G (and S) from memory once and writes dL/dD once; T, D and the
-// gradient maps never reach a full-size tensor. Sums run in a fixed order inside each plane and
+// gradient maps never reach a full-size tensor. A pixel weight M is staged in a fourth plane of
+// the scratch, converted once from any dtype and strides (stride 0 where it is broadcast);
+// weighing the sums and the maps is one more pass over the staged plane. Sums run in a fixed order inside each plane and
 // the plane losses are added in index order, so results are bit-identical whatever the thread
 // count.
 #include <ATen/ATen.h>
@@ -17,6 +19,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "../heatmap_loss.h"
@@ -87,6 +91,7 @@ acc_t sum_of_squares(const acc_t* x, int64_t n) {
 template <typename acc_t>
 struct PlaneProblem {
   StridedInput pred, target, teacher;  // target.data is null for a separable target
+  StridedInput pixel_weight;           // (B, K, H, W) strides, 0 where broadcast; data null for none
   const double* target_rows = nullptr;  // (B*K, H) factors of a separable target, else null
   const double* target_cols = nullptr;  // (B*K, W)
   bool has_teacher = false;
@@ -252,21 +257,26 @@ inline acc_t sum_taps(const acc_t* x, int64_t n, int64_t width) {
 
 // One thread's staging area for a plane: D, Ax and Ay, each H*W values in row-major order with a
 // zero guard of W+1 values on both sides, so that every 3x3 tap of every position reads inside
-// the buffer and the loops run over the whole flattened plane without branches.
+// the buffer and the loops run over the whole flattened plane without branches; and, with a
+// pixel weight, M (no guard: it is read at the pixel itself only).
 template <typename acc_t>
 struct PlaneScratch {
-  PlaneScratch(int64_t height, int64_t width)
-      : size(height * width), guard(width + 1), storage(3 * static_cast<size_t>(size + 2 * guard), acc_t(0)) {
+  PlaneScratch(int64_t height, int64_t width, bool pixel_weighted)
+      : size(height * width),
+        guard(width + 1),
+        storage(3 * static_cast<size_t>(size + 2 * guard) + (pixel_weighted ? size : 0), acc_t(0)) {
     const int64_t pitch = size + 2 * guard;
     diff = storage.data() + guard;
     map_x = diff + pitch;
     map_y = diff + 2 * pitch;
+    pixel_weight = pixel_weighted ? storage.data() + 3 * pitch : nullptr;
   }
   int64_t size, guard;
   std::vector<acc_t> storage;
   acc_t* diff;
   acc_t* map_x;
   acc_t* map_y;
+  acc_t* pixel_weight;  // null without a pixel weight
 };
 
 // Zeroes a gradient map outside its valid range. The flattened pass computed every position;
@@ -301,6 +311,28 @@ acc_t gradient_pass(const PlaneScratch<acc_t>& scratch, int64_t size, int64_t wi
     out[n] = static_cast<out_t>(value_coef * diff[n] + map_coef * back);
   }
   return sum_map2;
+}
+
+// With a pixel weight M: returns (sum M D^2, sum M (Ax^2 + Ay^2)) and leaves M D, M Ax and M Ay in
+// the scratch, which is what the gradient pass needs: its value part is then M D, and the
+// adjoint gathers the weighted map entries (docs/spec.md section 1).
+template <typename acc_t>
+std::pair<acc_t, acc_t> weigh_by_pixel(PlaneScratch<acc_t>& scratch, int64_t size) {
+  acc_t* diff = scratch.diff;
+  acc_t* map_x = scratch.map_x;
+  acc_t* map_y = scratch.map_y;
+  const acc_t* pixel = scratch.pixel_weight;
+  acc_t sum_d2 = 0, sum_map2 = 0;
+#pragma omp simd reduction(+ : sum_d2, sum_map2)
+  for (int64_t n = 0; n < size; ++n) {
+    const acc_t m = pixel[n];
+    sum_d2 += m * diff[n] * diff[n];
+    sum_map2 += m * (map_x[n] * map_x[n] + map_y[n] * map_y[n]);
+    diff[n] *= m;
+    map_x[n] *= m;
+    map_y[n] *= m;
+  }
+  return {sum_d2, sum_map2};
 }
 
 template <typename acc_t, Stencil S>
@@ -344,21 +376,31 @@ void plane_loss(const PlaneProblem<acc_t>& p, int64_t plane, bool same_dtype, Pl
   // Pass 3: sum Ax^2 + Ay^2 and, when wanted,
   // dL/dD = c w (2 value_scale D + 2 map_scale (Ax^T Ax D + Ay^T Ay D)), c the reduction's scale.
   // Both forms add the squares in the same vectorised order, so the loss does not depend on
-  // whether a gradient was asked for.
+  // whether a gradient was asked for. A pixel weight replaces D, Ax and Ay by M D, M Ax and M Ay
+  // first, so the same gradient pass gives its dL/dD; its sums are the weighted ones.
   acc_t sum_map2 = 0;
+  const bool pixel_weighted = scratch.pixel_weight != nullptr;
+  if (pixel_weighted) {
+    scaled_plane<acc_t>(p.pixel_weight, b, k, H, W, acc_t(1), false, scratch.pixel_weight);
+    std::tie(sum_d2, sum_map2) = weigh_by_pixel(scratch, size);
+  }
   if (p.grad == nullptr) {
+    if (!pixel_weighted) {
 #pragma omp simd reduction(+ : sum_map2)
-    for (int64_t n = 0; n < size; ++n) sum_map2 += map_x[n] * map_x[n] + map_y[n] * map_y[n];
+      for (int64_t n = 0; n < size; ++n) sum_map2 += map_x[n] * map_x[n] + map_y[n] * map_y[n];
+    }
   } else {
     const acc_t plane_scale = p.reduction_scale * weight;
     const acc_t value_coef = 2 * value_scale * plane_scale, map_coef = 2 * map_scale * plane_scale;
-    if (p.grad_dtype == at::kBFloat16) {
-      sum_map2 = gradient_pass<acc_t, S>(scratch, size, W, value_coef, map_coef,
-                                         static_cast<c10::BFloat16*>(p.grad) + plane * size);
-    } else {
-      sum_map2 = gradient_pass<acc_t, S>(scratch, size, W, value_coef, map_coef,
-                                         static_cast<acc_t*>(p.grad) + plane * size);
-    }
+    // The pass also sums the squares of the maps it gathers; with a pixel weight those are the
+    // weighted maps, whose squares count for nothing: the weighted sum is already taken.
+    const acc_t gathered_map2 =
+        p.grad_dtype == at::kBFloat16
+            ? gradient_pass<acc_t, S>(scratch, size, W, value_coef, map_coef,
+                                      static_cast<c10::BFloat16*>(p.grad) + plane * size)
+            : gradient_pass<acc_t, S>(scratch, size, W, value_coef, map_coef,
+                                      static_cast<acc_t*>(p.grad) + plane * size);
+    if (!pixel_weighted) sum_map2 = gathered_map2;
   }
   const acc_t terms = value_scale * sum_d2 + map_scale * sum_map2;
   p.terms[plane] = terms;
@@ -375,7 +417,7 @@ void run_planes(const PlaneProblem<acc_t>& problem, int64_t num_planes) {
   const bool same_dtype = target_dtype == problem.pred.dtype &&
                           (!problem.has_teacher || problem.teacher.dtype == problem.pred.dtype);
   at::parallel_for(0, num_planes, grain, [&](int64_t begin, int64_t end) {
-    PlaneScratch<acc_t> scratch(problem.height, problem.width);
+    PlaneScratch<acc_t> scratch(problem.height, problem.width, problem.pixel_weight.data != nullptr);
     for (int64_t plane = begin; plane < end; ++plane) plane_loss<acc_t, S>(problem, plane, same_dtype, scratch);
   });
 }
@@ -384,10 +426,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> heatmap_loss_cpu(
     const at::Tensor& pred, const std::optional<at::Tensor>& target, const std::optional<at::Tensor>& teacher,
     const std::optional<at::Tensor>& alpha, const std::optional<at::Tensor>& weight,
     double mse_weight, double grad_weight, c10::string_view stencil, c10::string_view reduction,
-    bool compute_grad, const std::optional<at::Tensor>& target_rows, const std::optional<at::Tensor>& target_cols) {
+    bool compute_grad, const std::optional<at::Tensor>& target_rows, const std::optional<at::Tensor>& target_cols,
+    const std::optional<at::Tensor>& pixel_weight) {
   check_heatmap_loss_arguments(pred, target, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction,
-                               target_rows, target_cols);
-  HeatmapLossOutputs out = prepare_heatmap_loss(pred, alpha, weight, stencil, reduction, compute_grad);
+                               target_rows, target_cols, pixel_weight);
+  HeatmapLossOutputs out = prepare_heatmap_loss(pred, alpha, weight, pixel_weight, stencil, reduction, compute_grad);
   const int64_t B = pred.size(0), K = pred.size(1), H = pred.size(2), W = pred.size(3);
   const bool has_teacher = teacher.has_value();
   if (B * K > 0) {
@@ -400,6 +443,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> heatmap_loss_cpu(
         problem.target_rows = target_rows->data_ptr<double>();
         problem.target_cols = target_cols->data_ptr<double>();
       }
+      if (out.pixel_weight.defined()) problem.pixel_weight = StridedInput::of(out.pixel_weight);
       problem.has_teacher = has_teacher;
       if (has_teacher) {
         problem.teacher = StridedInput::of(*teacher);

@@ -31,12 +31,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> heatmap_loss_cuda(
     const at::Tensor& pred, const std::optional<at::Tensor>& target, const std::optional<at::Tensor>& teacher,
     const std::optional<at::Tensor>& alpha, const std::optional<at::Tensor>& weight, double mse_weight,
     double grad_weight, c10::string_view stencil, c10::string_view reduction, bool compute_grad,
-    const std::optional<at::Tensor>& target_rows, const std::optional<at::Tensor>& target_cols) {
+    const std::optional<at::Tensor>& target_rows, const std::optional<at::Tensor>& target_cols,
+    const std::optional<at::Tensor>& pixel_weight) {
   // Checked before the guard, which needs pred on a CUDA device.
   check_heatmap_loss_arguments(pred, target, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction,
-                               target_rows, target_cols);
+                               target_rows, target_cols, pixel_weight);
   const c10::cuda::CUDAGuard device_guard(pred.device());
-  HeatmapLossOutputs out = prepare_heatmap_loss(pred, alpha, weight, stencil, reduction, compute_grad);
+  HeatmapLossOutputs out = prepare_heatmap_loss(pred, alpha, weight, pixel_weight, stencil, reduction, compute_grad);
 
   cuda::LossProblem problem;
   problem.pred = view_of(pred);
@@ -51,6 +52,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> heatmap_loss_cuda(
     problem.alpha = out.alpha.data_ptr();
   }
   problem.weight = weight.has_value() ? out.weight.data_ptr() : nullptr;
+  if (out.pixel_weight.defined()) problem.pixel_weight = view_of(out.pixel_weight);
   problem.batch = pred.size(0);
   problem.joints = pred.size(1);
   problem.height = pred.size(2);

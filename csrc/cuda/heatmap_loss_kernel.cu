@@ -172,8 +172,9 @@ cudaError_t plan_heatmap_loss(const LossProblem& problem, LossPlan* plan) {
 
   // A separable target's factors are read one at a time, so they need no alignment: its planes are
   // vectorised exactly when those of a contiguous float32 target would be, and give the same bits.
+  // A pixel weight is read on the strided path only (heatmap_loss_kernel.cuh).
   const int64_t grad_alignment = kVector * dtype_bytes(problem.grad_dtype);
-  plan->vectorized = plan->tiles.whole_plane() && same_type_inputs(problem) &&
+  plan->vectorized = plan->tiles.whole_plane() && !problem.pixel_weighted() && same_type_inputs(problem) &&
                      (problem.height * problem.width) % kVector == 0 && vector_readable(problem.pred, problem) &&
                      (problem.separable_target() || vector_readable(problem.target, problem)) &&
                      (problem.teacher.data == nullptr || vector_readable(problem.teacher, problem)) &&

@@ -16,6 +16,15 @@
 // are reduced in a fixed order inside the block. A whole-plane block writes the plane's terms
 // directly; tiles write their partial sums, which finish_kernel adds in tile order. Nothing uses
 // floating-point atomics, so results are bit-identical run to run.
+//
+// A per-pixel weight M has kernels of its own (the PixelWeighted flag), so the kernels without one
+// are unchanged. M has a dtype of its own and any strides (stride 0 where broadcast), so these
+// kernels read every input on the strided path with a per-load dtype switch. Phase 2 also reads M
+// at each map cell it weighs (a defined Ax or Ay entry or a pixel of the tile, all inside the
+// plane), stores M Ax and M Ay, and sums M (Ax^2 + Ay^2) and M D^2 over the tile, the latter in
+// place of phase 1's sum of D^2; phase 3 gathers the weighted maps and weights the value part by
+// M read again at the pixel. Per pixel such a block reads P, G (and S) once and M twice, the
+// second time from a line it has just read, plus M on the ring of a tiled plane's tile.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -99,6 +108,7 @@ struct MixedTypeInputs {
 template <typename acc_t>
 struct LossKernelArgs {
   InputView pred, target, teacher;
+  InputView pixel_weight;     // M as (B, K, H, W); read by the pixel-weighted kernels only
   const double* target_rows;  // (B*K, H) factors of a separable target, else null
   const double* target_cols;  // (B*K, W)
   const acc_t* alpha;         // (B,), with a teacher
@@ -189,6 +199,21 @@ struct SeparableTarget {
  private:
   __device__ static float product(double row_factor, double col_factor) {
     return static_cast<float>(row_factor * col_factor);
+  }
+};
+
+// M at the pixels of plane (b, k), for the pixel-weighted kernels. M's dtype need not be any other
+// input's, so each load switches on it, as MixedTypeInputs does.
+template <typename acc_t>
+struct PlanePixelWeight {
+  const InputView& view;
+  int64_t base;  // offset of plane (b, k)
+
+  __device__ PlanePixelWeight(const InputView& view, int64_t b, int64_t k)
+      : view(view), base(b * view.stride_b + k * view.stride_k) {}
+
+  __device__ acc_t at(int64_t row, int64_t col) const {
+    return MixedTypeInputs<acc_t>::load(view, base + row * view.stride_h + col * view.stride_w);
   }
 };
 
@@ -329,10 +354,16 @@ __device__ typename Inputs::acc_t stage_difference_vectorized(const LossKernelAr
 
 // Phase 2: Ax and Ay over the tile and its ring, in map coordinates (origin one pixel up and left
 // of the tile); 0 outside their valid ranges, which includes the ring cells outside the plane,
-// so phase 3 gathers without bounds checks.
-template <Stencil S, typename acc_t>
+// so phase 3 gathers without bounds checks. Returns the tile's sum of Ax^2 + Ay^2.
+//
+// PixelWeighted: stores M Ax and M Ay instead, returns the sum of M (Ax^2 + Ay^2), and replaces
+// `sum_d2` (phase 1's sum of D^2 over the tile) by the sum of M D^2, M taken at each map cell's
+// own pixel. M is read only at the cells it weighs, a defined map entry or an owned pixel, which
+// all lie inside the plane: the ring cells outside it hold zero maps and own no pixel.
+template <Stencil S, bool PixelWeighted, typename acc_t>
 __device__ acc_t stage_gradient_maps(const TileGeometry& tile, int64_t height, int64_t width, const acc_t* diff,
-                                     acc_t* map_x, acc_t* map_y) {
+                                     const PlanePixelWeight<acc_t>& pixel_weight, acc_t* map_x, acc_t* map_y,
+                                     acc_t& sum_d2) {
   const int64_t map_row0 = tile.row0 - kMapRing, map_col0 = tile.col0 - kMapRing;
   const LocalRange x_valid(x_range<S>(height, width), map_row0, map_col0, tile.map_rows, tile.map_cols);
   const LocalRange y_valid(y_range<S>(height, width), map_row0, map_col0, tile.map_rows, tile.map_cols);
@@ -341,7 +372,7 @@ __device__ acc_t stage_gradient_maps(const TileGeometry& tile, int64_t height, i
   const int diff_cols = tile.diff_cols, map_cols = tile.map_cols;
   // Index in the staged D of map cell (0, 0); with valid taps the sums only read inside D.
   const int diff_origin = static_cast<int>((map_row0 - tile.diff_row0) * diff_cols + (map_col0 - tile.diff_col0));
-  acc_t sum_map2 = 0;
+  acc_t sum_map2 = 0, weighted_sum_d2 = 0;
   for_each_cell(tile.map_rows, map_cols, threadIdx.x, kThreads, [&](int r, int c) {
     const int centre = diff_origin + r * diff_cols + c;
     acc_t ax = 0, ay = 0;
@@ -351,10 +382,28 @@ __device__ acc_t stage_gradient_maps(const TileGeometry& tile, int64_t height, i
     if (y_valid.contains(r, c)) {
       for_each_tap<S, false>([&](int u, int v, double tap) { ay += acc_t(tap) * diff[centre + u * diff_cols + v]; });
     }
-    map_x[r * map_cols + c] = ax;
-    map_y[r * map_cols + c] = ay;
-    if (owned.contains(r, c)) sum_map2 += ax * ax + ay * ay;
+    if constexpr (PixelWeighted) {
+      const bool x_defined = x_valid.contains(r, c), y_defined = y_valid.contains(r, c);
+      const bool is_owned = owned.contains(r, c);
+      const acc_t m = x_defined || y_defined || is_owned ? pixel_weight.at(map_row0 + r, map_col0 + c) : acc_t(0);
+      // M weighs only the entries defined at the cell, as in the reference: a NaN or Inf in M
+      // must not turn the zero of an undefined entry into a NaN that phase 3 would gather.
+      const acc_t weighted_ax = x_defined ? m * ax : acc_t(0);
+      const acc_t weighted_ay = y_defined ? m * ay : acc_t(0);
+      map_x[r * map_cols + c] = weighted_ax;
+      map_y[r * map_cols + c] = weighted_ay;
+      if (is_owned) {  // an owned cell is a tile pixel, so its D is staged at `centre`
+        const acc_t d = diff[centre];
+        weighted_sum_d2 += m * (d * d);
+        sum_map2 += weighted_ax * ax + weighted_ay * ay;
+      }
+    } else {
+      map_x[r * map_cols + c] = ax;
+      map_y[r * map_cols + c] = ay;
+      if (owned.contains(r, c)) sum_map2 += ax * ax + ay * ay;
+    }
   });
+  if constexpr (PixelWeighted) sum_d2 = weighted_sum_d2;
   return sum_map2;
 }
 
@@ -372,8 +421,10 @@ __device__ __forceinline__ acc_t gradient_at(const TileGeometry& tile, int diff_
   return value_coef * diff[diff_origin + r * tile.diff_cols + c] + map_coef * back;
 }
 
-template <Stencil S, class Inputs, template <class> class Target, typename out_t, bool Vectorized>
+// PixelWeighted: with a pixel weight M, which only the strided path reads.
+template <Stencil S, class Inputs, template <class> class Target, typename out_t, bool Vectorized, bool PixelWeighted>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerMultiprocessor) heatmap_loss_kernel(const LossKernelArgs<typename Inputs::acc_t> args) {
+  static_assert(!(Vectorized && PixelWeighted), "a pixel weight is read on the strided path only");
   using acc_t = typename Inputs::acc_t;
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   const TilePlan& plan = args.plan;
@@ -389,6 +440,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerMultiprocessor) heatmap
   const bool has_teacher = args.teacher.data != nullptr;
   const acc_t alpha = has_teacher ? args.alpha[b] : acc_t(0);
   const acc_t weight = args.weight != nullptr ? args.weight[plane] : acc_t(1);
+  const PlanePixelWeight<acc_t> pixel_weight(args.pixel_weight, b, k);
 
   acc_t sum_d2;
   if constexpr (Vectorized) {
@@ -399,7 +451,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerMultiprocessor) heatmap
                          : stage_difference<Inputs, Target, false>(args, tile, b, k, alpha, diff);
   }
   __syncthreads();
-  acc_t sum_map2 = stage_gradient_maps<S>(tile, height, width, diff, map_x, map_y);
+  acc_t sum_map2 = stage_gradient_maps<S, PixelWeighted>(tile, height, width, diff, pixel_weight, map_x, map_y, sum_d2);
   __syncthreads();
 
   if (args.grad != nullptr) {
@@ -426,8 +478,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerMultiprocessor) heatmap
       });
     } else {
       for_each_cell(tile.rows, tile.cols, threadIdx.x, kThreads, [&](int r, int c) {
-        grad[(tile.row0 + r) * width + tile.col0 + c] =
-            from_acc<out_t>(gradient_at<S>(tile, diff_origin, r, c, diff, map_x, map_y, value_coef, map_coef));
+        acc_t pixel_value_coef = value_coef;
+        // The maps are weighted already (phase 2); the value part takes M at the pixel.
+        if constexpr (PixelWeighted) pixel_value_coef *= pixel_weight.at(tile.row0 + r, tile.col0 + c);
+        grad[(tile.row0 + r) * width + tile.col0 + c] = from_acc<out_t>(
+            gradient_at<S>(tile, diff_origin, r, c, diff, map_x, map_y, pixel_value_coef, map_coef));
       });
     }
   }
@@ -460,7 +515,7 @@ void plane_scales(const LossProblem& problem, acc_t* value_scale, acc_t* map_sca
   *map_scale = grad_count > 0 ? static_cast<acc_t>(problem.grad_weight) / static_cast<acc_t>(grad_count) : acc_t(0);
 }
 
-template <Stencil S, class Inputs, template <class> class Target, typename out_t>
+template <Stencil S, class Inputs, template <class> class Target, typename out_t, bool PixelWeighted = false>
 cudaError_t launch_loss_kernel(const LossProblem& problem, const LossPlan& plan, void* partials,
                                cudaStream_t stream) {
   using acc_t = typename Inputs::acc_t;
@@ -468,6 +523,7 @@ cudaError_t launch_loss_kernel(const LossProblem& problem, const LossPlan& plan,
   args.pred = problem.pred;
   args.target = problem.target;
   args.teacher = problem.teacher;
+  args.pixel_weight = problem.pixel_weight;
   args.target_rows = problem.target_rows;
   args.target_cols = problem.target_cols;
   args.alpha = static_cast<const acc_t*>(problem.alpha);
@@ -486,9 +542,9 @@ cudaError_t launch_loss_kernel(const LossProblem& problem, const LossPlan& plan,
 
   const int64_t blocks = problem.planes() * plan.tiles.tiles();
   if (blocks > INT_MAX) return cudaErrorInvalidConfiguration;
-  void (*kernel)(LossKernelArgs<acc_t>) = heatmap_loss_kernel<S, Inputs, Target, out_t, false>;
-  if constexpr (Inputs::kVectorizable) {
-    if (plan.vectorized) kernel = heatmap_loss_kernel<S, Inputs, Target, out_t, true>;
+  void (*kernel)(LossKernelArgs<acc_t>) = heatmap_loss_kernel<S, Inputs, Target, out_t, false, PixelWeighted>;
+  if constexpr (Inputs::kVectorizable && !PixelWeighted) {
+    if (plan.vectorized) kernel = heatmap_loss_kernel<S, Inputs, Target, out_t, true, false>;
   }
   const size_t shared = static_cast<size_t>(plan.tiles.shared_bytes);
   if (shared > 48 * 1024) {
@@ -508,14 +564,18 @@ inline bool same_type_inputs(const LossProblem& problem) {
 }
 
 // The kernels for inputs of different storage types: the accumulation and gradient dtypes follow pred.
-template <Stencil S, template <class> class Target>
+template <Stencil S, template <class> class Target, bool PixelWeighted = false>
 cudaError_t launch_mixed_type(const LossProblem& problem, const LossPlan& plan, void* partials, cudaStream_t stream) {
   switch (problem.pred.dtype) {
     case DType::Double:
-      return launch_loss_kernel<S, MixedTypeInputs<double>, Target, double>(problem, plan, partials, stream);
+      return launch_loss_kernel<S, MixedTypeInputs<double>, Target, double, PixelWeighted>(problem, plan, partials,
+                                                                                            stream);
     case DType::BFloat16:
-      return launch_loss_kernel<S, MixedTypeInputs<float>, Target, __nv_bfloat16>(problem, plan, partials, stream);
-    default: return launch_loss_kernel<S, MixedTypeInputs<float>, Target, float>(problem, plan, partials, stream);
+      return launch_loss_kernel<S, MixedTypeInputs<float>, Target, __nv_bfloat16, PixelWeighted>(problem, plan,
+                                                                                                 partials, stream);
+    default:
+      return launch_loss_kernel<S, MixedTypeInputs<float>, Target, float, PixelWeighted>(problem, plan, partials,
+                                                                                          stream);
   }
 }
 
@@ -524,6 +584,12 @@ cudaError_t launch_mixed_type(const LossProblem& problem, const LossPlan& plan, 
 // so that the three compile in parallel.
 template <Stencil S>
 cudaError_t launch_loss_tiles(const LossProblem& problem, const LossPlan& plan, void* partials, cudaStream_t stream) {
+  if (problem.pixel_weighted()) {
+    // M's loads switch on its dtype, so the other inputs' loads may as well: one kernel per pred
+    // dtype and target form, whatever the dtypes of the target, teacher and M.
+    return problem.separable_target() ? launch_mixed_type<S, SeparableTarget, true>(problem, plan, partials, stream)
+                                      : launch_mixed_type<S, TensorTarget, true>(problem, plan, partials, stream);
+  }
   const bool same_type = same_type_inputs(problem);
   if (problem.separable_target()) {
     // Its values are float32 (LossProblem::target_dtype): only a float32 pred (and teacher) shares their type.

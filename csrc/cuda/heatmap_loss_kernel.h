@@ -30,6 +30,9 @@ struct InputView {
 struct LossProblem {
   // target.data is null for a separable target, teacher.data without a teacher.
   InputView pred, target, teacher;
+  // The per-pixel weight M expanded to (B, K, H, W), stride 0 along its broadcast dimensions, in
+  // a floating dtype of its own; data is null without one (M = 1).
+  InputView pixel_weight;
   const double* target_rows = nullptr;  // contiguous (B*K, H) row factors of a separable target, else null
   const double* target_cols = nullptr;  // contiguous (B*K, W) column factors, with target_rows
   const void* alpha = nullptr;          // (B,), with a teacher
@@ -46,6 +49,7 @@ struct LossProblem {
 
   bool accumulates_in_double() const { return pred.dtype == DType::Double; }
   bool separable_target() const { return target_rows != nullptr; }
+  bool pixel_weighted() const { return pixel_weight.data != nullptr; }
   // A separable target's values are float32, so it counts as a float32 target when the kernels
   // pick between their same-dtype and mixed-dtype paths: the bits match a float32 target tensor's.
   DType target_dtype() const { return separable_target() ? DType::Float : target.dtype; }

@@ -119,14 +119,17 @@ def _difference(
 def _gradient_map(
     pred_plane, target_plane, target_rows_plane, target_cols_plane, teacher_plane, blend,
     pred_row_stride, pred_col_stride, target_row_stride, target_col_stride, teacher_row_stride, teacher_col_stride,
+    pixel_plane, pixel_row_stride, pixel_col_stride,
     offsets, rows, cols, in_tile, height, width,
     ROW_SHIFT: tl.constexpr, COL_SHIFT: tl.constexpr,
     SCALE: tl.constexpr, DIFFERENCES: tl.constexpr, MARGINS: tl.constexpr,
-    HAS_TEACHER: tl.constexpr, SEPARABLE: tl.constexpr, DENSE: tl.constexpr, ACC: tl.constexpr,
+    HAS_TEACHER: tl.constexpr, SEPARABLE: tl.constexpr, DENSE: tl.constexpr, WEIGHED: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     """A gradient map, SCALE * (sum over DIFFERENCES (weight, plus_row, plus_col, minus_row,
     minus_col) of weight * (D[plus] - D[minus])), at the tile's pixels shifted by
-    (ROW_SHIFT, COL_SHIFT); 0 off its valid range, MARGINS = (top, bottom, left, right)."""
+    (ROW_SHIFT, COL_SHIFT); 0 off its valid range, MARGINS = (top, bottom, left, right). WEIGHED:
+    each entry times the pixel weight M at the entry's own index."""
     i = rows + ROW_SHIFT
     j = cols + COL_SHIFT
     valid = in_tile & (i >= MARGINS[0]) & (i < height - MARGINS[1]) & (j >= MARGINS[2]) & (j < width - MARGINS[3])
@@ -147,6 +150,9 @@ def _gradient_map(
             total = _times(plus - minus, DIFFERENCES[k][0])
         else:
             total += _times(plus - minus, DIFFERENCES[k][0])
+    if WEIGHED:
+        pixel = tl.load(pixel_plane + i * pixel_row_stride + j * pixel_col_stride, mask=valid, other=0.0).to(ACC)
+        total = total * pixel
     return tl.where(valid, SCALE * total, 0.0)
 
 
@@ -154,24 +160,31 @@ def _gradient_map(
 def _adjoint_of_map(
     pred_plane, target_plane, target_rows_plane, target_cols_plane, teacher_plane, blend,
     pred_row_stride, pred_col_stride, target_row_stride, target_col_stride, teacher_row_stride, teacher_col_stride,
+    pixel_plane, pixel_row_stride, pixel_col_stride,
     offsets, rows, cols, in_tile, height, width,
     SCALE: tl.constexpr, DIFFERENCES: tl.constexpr, MARGINS: tl.constexpr,
-    HAS_TEACHER: tl.constexpr, SEPARABLE: tl.constexpr, DENSE: tl.constexpr, ACC: tl.constexpr,
+    HAS_TEACHER: tl.constexpr, SEPARABLE: tl.constexpr, DENSE: tl.constexpr, PIXEL_WEIGHTED: tl.constexpr,
+    ACC: tl.constexpr,
 ):
-    """(A^T A D) at the tile's pixels. The map sent weight * A[p] to p + plus and took it from
-    p + minus, so pixel q gathers SCALE * weight * (A[q - plus] - A[q - minus])."""
+    """(A^T A D) at the tile's pixels (A^T M A D with a pixel weight). The map sent weight * A[p]
+    to p + plus and took it from p + minus, so pixel q gathers
+    SCALE * weight * (A[q - plus] - A[q - minus])."""
     for k in tl.static_range(len(DIFFERENCES)):
         from_plus = _gradient_map(
             pred_plane, target_plane, target_rows_plane, target_cols_plane, teacher_plane, blend,
             pred_row_stride, pred_col_stride, target_row_stride, target_col_stride, teacher_row_stride, teacher_col_stride,
+            pixel_plane, pixel_row_stride, pixel_col_stride,
             offsets, rows, cols, in_tile, height, width,
-            -DIFFERENCES[k][1], -DIFFERENCES[k][2], SCALE, DIFFERENCES, MARGINS, HAS_TEACHER, SEPARABLE, DENSE, ACC,
+            -DIFFERENCES[k][1], -DIFFERENCES[k][2], SCALE, DIFFERENCES, MARGINS, HAS_TEACHER, SEPARABLE, DENSE,
+            PIXEL_WEIGHTED, ACC,
         )
         from_minus = _gradient_map(
             pred_plane, target_plane, target_rows_plane, target_cols_plane, teacher_plane, blend,
             pred_row_stride, pred_col_stride, target_row_stride, target_col_stride, teacher_row_stride, teacher_col_stride,
+            pixel_plane, pixel_row_stride, pixel_col_stride,
             offsets, rows, cols, in_tile, height, width,
-            -DIFFERENCES[k][3], -DIFFERENCES[k][4], SCALE, DIFFERENCES, MARGINS, HAS_TEACHER, SEPARABLE, DENSE, ACC,
+            -DIFFERENCES[k][3], -DIFFERENCES[k][4], SCALE, DIFFERENCES, MARGINS, HAS_TEACHER, SEPARABLE, DENSE,
+            PIXEL_WEIGHTED, ACC,
         )
         if k == 0:
             total = _times(from_plus - from_minus, DIFFERENCES[k][0])
@@ -182,11 +195,13 @@ def _adjoint_of_map(
 
 @triton.jit(do_not_specialize=["mse_weight_bits", "grad_weight_bits"])
 def _plane_tile_kernel(
-    pred_ptr, target_ptr, target_rows_ptr, target_cols_ptr, teacher_ptr, blend_ptr, weight_ptr, partials_ptr, grad_ptr,
+    pred_ptr, target_ptr, target_rows_ptr, target_cols_ptr, teacher_ptr, blend_ptr, weight_ptr, pixel_ptr,
+    partials_ptr, grad_ptr,
     joints, height, width, gradient_count, plane_count,
     pred_batch_stride, pred_joint_stride, pred_row_stride, pred_col_stride,
     target_batch_stride, target_joint_stride, target_row_stride, target_col_stride,
     teacher_batch_stride, teacher_joint_stride, teacher_row_stride, teacher_col_stride,
+    pixel_batch_stride, pixel_joint_stride, pixel_row_stride, pixel_col_stride,
     blend_stride, weight_batch_stride, weight_joint_stride,
     mse_weight_bits, grad_weight_bits,
     SCALE: tl.constexpr, X_DIFFERENCES: tl.constexpr, Y_DIFFERENCES: tl.constexpr, X_MARGINS: tl.constexpr, Y_MARGINS: tl.constexpr,
@@ -232,6 +247,15 @@ def _plane_tile_kernel(
     if HAS_TEACHER:
         blend = tl.load(blend_ptr + batch * blend_stride, mask=plane_present, other=0.0).to(ACC)
         teacher_plane = teacher_ptr + batch * teacher_batch_stride + joint * teacher_joint_stride
+    # A pixel weight M comes with the strides of its (B, K, H, W) expansion (0 where broadcast)
+    # and is read at any strides; pixel_ptr None without one.
+    PIXEL_WEIGHTED: tl.constexpr = pixel_ptr is not None
+    if PIXEL_WEIGHTED:
+        pixel_plane = pixel_ptr + batch * pixel_batch_stride + joint * pixel_joint_stride
+        pixel = tl.load(pixel_plane + rows * pixel_row_stride + cols * pixel_col_stride, mask=in_tile, other=0.0)
+        pixel = pixel.to(ACC)
+    else:
+        pixel_plane = pred_plane
 
     # 2. The value term's D and the gradient term's maps at the tile's own pixels.
     diff = _difference(
@@ -242,19 +266,27 @@ def _plane_tile_kernel(
     x_map = _gradient_map(
         pred_plane, target_plane, target_rows_plane, target_cols_plane, teacher_plane, blend,
         pred_row_stride, pred_col_stride, target_row_stride, target_col_stride, teacher_row_stride, teacher_col_stride,
+        pixel_plane, pixel_row_stride, pixel_col_stride,
         offsets, rows, cols, in_tile, height, width, 0, 0, SCALE, X_DIFFERENCES, X_MARGINS,
-        HAS_TEACHER, SEPARABLE, DENSE, ACC,
+        HAS_TEACHER, SEPARABLE, DENSE, False, ACC,
     )
     y_map = _gradient_map(
         pred_plane, target_plane, target_rows_plane, target_cols_plane, teacher_plane, blend,
         pred_row_stride, pred_col_stride, target_row_stride, target_col_stride, teacher_row_stride, teacher_col_stride,
+        pixel_plane, pixel_row_stride, pixel_col_stride,
         offsets, rows, cols, in_tile, height, width, 0, 0, SCALE, Y_DIFFERENCES, Y_MARGINS,
-        HAS_TEACHER, SEPARABLE, DENSE, ACC,
+        HAS_TEACHER, SEPARABLE, DENSE, False, ACC,
     )
 
     # 3. dL/dD for an upstream gradient of 1:
     #    2 c w (mse_weight / (H W) D + grad_weight / (Nx + Ny) (Ax^T Ax D + Ay^T Ay D)),
-    #    c = 1/(B K) for the mean, w the plane's weight.
+    #    c = 1/(B K) for the mean, w the plane's weight; with a pixel weight M,
+    #    2 c w (mse_weight / (H W) M D + grad_weight / (Nx + Ny) (Ax^T M Ax D + Ay^T M Ay D)).
+    value_diff = diff
+    map_squares = x_map * x_map + y_map * y_map
+    if PIXEL_WEIGHTED:
+        value_diff = pixel * diff
+        map_squares = pixel * map_squares
     if COMPUTE_GRAD:
         scale = tl.full([PLANES, 1], 2.0, ACC)
         if HAS_WEIGHT:
@@ -267,24 +299,26 @@ def _plane_tile_kernel(
         x_adjoint = _adjoint_of_map(
             pred_plane, target_plane, target_rows_plane, target_cols_plane, teacher_plane, blend,
             pred_row_stride, pred_col_stride, target_row_stride, target_col_stride, teacher_row_stride, teacher_col_stride,
+            pixel_plane, pixel_row_stride, pixel_col_stride,
             offsets, rows, cols, in_tile, height, width, SCALE, X_DIFFERENCES, X_MARGINS,
-            HAS_TEACHER, SEPARABLE, DENSE, ACC,
+            HAS_TEACHER, SEPARABLE, DENSE, PIXEL_WEIGHTED, ACC,
         )
         y_adjoint = _adjoint_of_map(
             pred_plane, target_plane, target_rows_plane, target_cols_plane, teacher_plane, blend,
             pred_row_stride, pred_col_stride, target_row_stride, target_col_stride, teacher_row_stride, teacher_col_stride,
+            pixel_plane, pixel_row_stride, pixel_col_stride,
             offsets, rows, cols, in_tile, height, width, SCALE, Y_DIFFERENCES, Y_MARGINS,
-            HAS_TEACHER, SEPARABLE, DENSE, ACC,
+            HAS_TEACHER, SEPARABLE, DENSE, PIXEL_WEIGHTED, ACC,
         )
-        grad = value_coefficient * diff + gradient_coefficient * (x_adjoint + y_adjoint)
+        grad = value_coefficient * value_diff + gradient_coefficient * (x_adjoint + y_adjoint)
         grad_at = grad_ptr + planes.to(tl.int64) * plane_size + offsets
         tl.store(grad_at, grad.to(grad_ptr.dtype.element_ty), mask=in_tile)
 
     # 4. The tile's partial sums, stored last: the compiler cannot tell that a store leaves the
     #    inputs alone, so a load after one would not be merged with the same load before it.
     partial = partials_ptr + (plane_list.to(tl.int64) * tiles + tile_index) * 2
-    tl.store(partial, tl.sum(diff * diff, axis=1), mask=plane_list < plane_count)
-    tl.store(partial + 1, tl.sum(x_map * x_map + y_map * y_map, axis=1), mask=plane_list < plane_count)
+    tl.store(partial, tl.sum(value_diff * diff, axis=1), mask=plane_list < plane_count)
+    tl.store(partial + 1, tl.sum(map_squares, axis=1), mask=plane_list < plane_count)
 
 
 @triton.jit(do_not_specialize=["mse_weight_bits", "grad_weight_bits"])
@@ -419,14 +453,17 @@ def heatmap_loss(
     compute_grad: bool,
     target_rows: torch.Tensor | None = None,
     target_cols: torch.Tensor | None = None,
+    pixel_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, per-plane terms, dL/dD or an empty tensor) computed by the Triton kernels: the body
     of hgloss::triton_heatmap_loss, so it checks its arguments as every operator does. The target
     is a tensor, or None with its separable factors target_rows (B, K, H) and target_cols
-    (B, K, W) (hgloss.targets)."""
+    (B, K, W) (hgloss.targets). pixel_weight M broadcasts to (B, K, H, W), at any strides."""
     check_operator_arguments(
-        pred, target, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction, target_rows, target_cols
+        pred, target, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction, target_rows, target_cols,
+        pixel_weight,
     )
+    pixel = None if pixel_weight is None else pixel_weight.expand(pred.shape)
     batch, joints, height, width = pred.shape
     plane_count = batch * joints
     tile_pixels, tiles, planes_per_program, num_warps = launch_shape(height, width, stencil)
@@ -440,9 +477,9 @@ def heatmap_loss(
 
     if plane_count > 0:
         wrap_triton(_plane_tile_kernel)[(triton.cdiv(plane_count, planes_per_program), tiles)](
-            pred, target, target_rows, target_cols, teacher, alpha, weight, partials, grad,
+            pred, target, target_rows, target_cols, teacher, alpha, weight, pixel, partials, grad,
             joints, height, width, gradient_count, plane_count,
-            *pred.stride(), *_strides(target), *_strides(teacher),
+            *pred.stride(), *_strides(target), *_strides(teacher), *_strides(pixel),
             0 if alpha is None else alpha.stride(0), *weight_strides,
             *weight_bits,
             **stencil_constants(stencil),
@@ -451,7 +488,7 @@ def heatmap_loss(
             COMPUTE_GRAD=compute_grad,
             MEAN=reduction == "mean",
             DENSE=all(_has_dense_planes(tensor) for tensor in (pred, target, teacher)),
-            WIDE=_needs_wide_offsets((pred, target, teacher)),
+            WIDE=_needs_wide_offsets((pred, target, teacher, pixel)),
             PLANES=planes_per_program,
             TILE=tile_pixels,
             num_warps=num_warps,
