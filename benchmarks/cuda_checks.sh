@@ -57,6 +57,7 @@ run_tests() {
   local started=$SECONDS
   "$PY" -m pytest -q -p no:cacheprovider -n "${TEST_WORKERS:-6}" -k cuda \
     tests/test_cuda.py tests/test_fused_vs_reference.py tests/test_fused_ops.py tests/test_keypoint_loss.py \
+    tests/test_fused_pixel_weight.py \
     > "$out/pytest.log" 2>&1 &
   local tests=$!
   compute-sanitizer --tool memcheck --leak-check no --error-exitcode 3 \

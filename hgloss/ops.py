@@ -130,9 +130,9 @@ def is_traced(tensor: torch.Tensor) -> bool:
 
 def _triton_setup_context(ctx, inputs, output):
     pred, target, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction, _, rows, cols, pixel = inputs
-    if ctx.needs_input_grad[12]:
-        # The autograd of a Python operator first sees its inputs here, after the forward: the
-        # C++ one refuses the call before its kernel.
+    if pixel is not None and pixel.requires_grad:
+        # Called only while grad mode is on. The autograd of a Python operator first sees its
+        # inputs here, after the forward: the C++ one refuses the call before its kernel.
         raise ValueError(contract.PIXEL_WEIGHT_GRAD_MESSAGE)
     _, terms, grad = output
     ctx.save_for_backward(grad, terms, pred, target, teacher, alpha, weight, rows, cols, pixel)

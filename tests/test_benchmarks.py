@@ -84,3 +84,25 @@ def test_keypoint_targets_benchmark_writes_csv_summary_and_plot(tmp_path):
     summary = (tmp_path / "keypoint_targets.md").read_text()
     assert "| 2 | on | fused | cpu |" in summary and "| 0 | keypoints |" in summary
     assert (tmp_path / "keypoint_targets.png").is_file()
+
+
+def test_pixel_weight_benchmark_writes_csv_summary_and_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    result = run_benchmark(
+        "bench_pixel_weight.py", "--device", "cpu", "--batch", "2", "--repeats", "2", "--warmup", "1",
+        "--buffer-sets", "1", "--out", str(tmp_path),
+    )
+    rows = read_csv(tmp_path / "bench_pixel_weight.csv")
+    providers = ("mmpose", "compile", "reference", "cpu")
+    assert {(row["weights"], row["provider"]) for row in rows} == {
+        (weights, provider) for weights in ("mask", "pixel", "plane") for provider in providers
+    }
+    for row in rows:
+        assert row["batch"] == "2" and row["grad_weight"] == "0" and float(row["median_ms"]) > 0
+        assert bool(row["speedup_vs_mmpose"]) == (row["provider"] != "mmpose")
+        assert bool(row["pct_copy_bw"]) == (row["provider"] == "cpu")
+    summary = (tmp_path / "pixel_weight.md").read_text()
+    assert summary.startswith("# Per-pixel weights") and "bench_pixel_weight.py --device cpu" in summary
+    assert "| 2 | mask | cpu |" in summary and "| 2 | plane | mmpose |" in summary
+    assert "| 2 | pixel | reference |" in result.stdout
+    assert (tmp_path / "pixel_weight.png").stat().st_size > 0

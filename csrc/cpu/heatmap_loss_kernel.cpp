@@ -176,8 +176,9 @@ void add_separable_target(const PlaneProblem<acc_t>& p, int64_t plane, acc_t sca
 }
 
 // D = P - ((1 - a) G + a S) (D = P - G without a teacher) for a separable G and a pred (and
-// teacher) of one dtype, row by row; returns sum D^2. UnitStride: rows of pred (and teacher) are
-// contiguous, which lets the compiler vectorise the loads.
+// teacher) of one dtype, row by row; returns sum D^2, added over the flattened plane as the
+// same-dtype path adds it for a contiguous target, so that both give the same bits. UnitStride:
+// rows of pred (and teacher) are contiguous, which lets the compiler vectorise the loads.
 template <typename acc_t, typename in_t, bool HasTeacher, bool UnitStride>
 acc_t load_difference_separable(const PlaneProblem<acc_t>& p, int64_t b, int64_t k, acc_t alpha, acc_t* diff) {
   const int64_t H = p.height, W = p.width, plane = b * p.num_joints + k;
@@ -188,7 +189,6 @@ acc_t load_difference_separable(const PlaneProblem<acc_t>& p, int64_t b, int64_t
   const double* cols = p.target_cols + plane * W;
   const acc_t target_scale = 1 - alpha;
   const int64_t sp = UnitStride ? 1 : p.pred.stride_w, ss = UnitStride || !HasTeacher ? 1 : p.teacher.stride_w;
-  acc_t sum_sq = 0;
   for (int64_t i = 0; i < H; ++i) {
     const in_t* pred_row = pred + i * p.pred.stride_h;
     const in_t* teacher_row = HasTeacher ? teacher + i * p.teacher.stride_h : nullptr;
@@ -197,18 +197,17 @@ acc_t load_difference_separable(const PlaneProblem<acc_t>& p, int64_t b, int64_t
     if (row_factor == 0) {
       // Outside the Gaussian's window G = 0, and (1 - a) * 0 + a S = a S and P - 0 = P exactly,
       // so skipping the target here gives the bits of the full expression.
-#pragma omp simd reduction(+ : sum_sq)
+#pragma omp simd
       for (int64_t j = 0; j < W; ++j) {
         if constexpr (HasTeacher) {
           dst[j] = static_cast<acc_t>(pred_row[j * sp]) - alpha * static_cast<acc_t>(teacher_row[j * ss]);
         } else {
           dst[j] = static_cast<acc_t>(pred_row[j * sp]);
         }
-        sum_sq += dst[j] * dst[j];
       }
       continue;
     }
-#pragma omp simd reduction(+ : sum_sq)
+#pragma omp simd
     for (int64_t j = 0; j < W; ++j) {
       const acc_t target = separable_target<acc_t>(row_factor, cols[j]);
       if constexpr (HasTeacher) {
@@ -217,10 +216,9 @@ acc_t load_difference_separable(const PlaneProblem<acc_t>& p, int64_t b, int64_t
       } else {
         dst[j] = static_cast<acc_t>(pred_row[j * sp]) - target;
       }
-      sum_sq += dst[j] * dst[j];
     }
   }
-  return sum_sq;
+  return sum_of_squares(diff, H * W);
 }
 
 template <typename acc_t, typename in_t, bool HasTeacher>
