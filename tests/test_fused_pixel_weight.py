@@ -61,10 +61,10 @@ def case(shape, generator, device, teacher="per-sample", target_weight=(1,)):
     return inputs
 
 
-def loss_and_grads(backend, inputs, pixel_weight, stencil, reduction, upstream):
+def loss_and_grads(backend, inputs, pixel_weight, stencil, reduction, upstream, grad_weight=1.7):
     loss = hgloss.heatmap_gradient_loss(
         inputs["pred"], inputs["target"], inputs["target_weight"], teacher=inputs["teacher"], alpha=inputs["alpha"],
-        mse_weight=0.8, grad_weight=1.7, stencil=stencil, reduction=reduction, backend=backend,
+        mse_weight=0.8, grad_weight=grad_weight, stencil=stencil, reduction=reduction, backend=backend,
         pixel_weight=pixel_weight,
     )
     names = [name for name in ("pred", "target", "teacher", "target_weight") if inputs[name] is not None]
@@ -72,14 +72,15 @@ def loss_and_grads(backend, inputs, pixel_weight, stencil, reduction, upstream):
     return loss, dict(zip(names, grads))
 
 
-def assert_matches_reference(backend, inputs, pixel_weight, stencil, reduction, generator, tolerance=TOLERANCE):
+def assert_matches_reference(backend, inputs, pixel_weight, stencil, reduction, generator, tolerance=TOLERANCE,
+                             grad_weight=1.7):
     pred = inputs["pred"]
     if reduction == "none":
         upstream = torch.randn(pred.shape[:2], generator=generator, dtype=torch.float64).to(pred.device)
     else:
         upstream = torch.tensor(-1.7, dtype=torch.float64, device=pred.device)
-    loss, grads = loss_and_grads(backend, inputs, pixel_weight, stencil, reduction, upstream)
-    ref_loss, ref_grads = loss_and_grads("reference", inputs, pixel_weight, stencil, reduction, upstream)
+    loss, grads = loss_and_grads(backend, inputs, pixel_weight, stencil, reduction, upstream, grad_weight)
+    ref_loss, ref_grads = loss_and_grads("reference", inputs, pixel_weight, stencil, reduction, upstream, grad_weight)
     assert loss.dtype == ref_loss.dtype and loss.shape == ref_loss.shape
     assert loss_error(loss, ref_loss) <= tolerance, (loss, ref_loss)
     assert grads.keys() == ref_grads.keys()
@@ -108,6 +109,19 @@ def test_every_reduction_teacher_and_target_weight(backend, reduction, teacher, 
     inputs = case(shape, generator, device, teacher, target_weight)
     pixel_weight = pixel_weight_of("per_sample", shape, generator, device)
     assert_matches_reference(backend, inputs, pixel_weight, "central", reduction, generator)
+
+
+@pytest.mark.parametrize("backend", fused_backend_params())
+@pytest.mark.parametrize("shape", [(0, 3, 5, 5), (2, 3, 1, 9), (2, 3, 9, 1), (2, 17, 64, 48)], ids=str)
+@pytest.mark.parametrize("kind", [None, "per_sample", "transposed"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_without_the_gradient_term(backend, shape, kind, reduction, generator):
+    """grad_weight = 0, the MSE of the compat classes, which the cpu kernel computes without
+    building the gradient maps."""
+    device = FUSED_DEVICES[backend]
+    inputs = case(shape, generator, device)
+    pixel_weight = None if kind is None else pixel_weight_of(kind, shape, generator, device)
+    assert_matches_reference(backend, inputs, pixel_weight, "sobel", reduction, generator, grad_weight=0.0)
 
 
 @pytest.mark.parametrize("backend", fused_backend_params())

@@ -313,8 +313,9 @@ acc_t gradient_pass(const PlaneScratch<acc_t>& scratch, int64_t size, int64_t wi
 
 // With a pixel weight M: returns (sum M D^2, sum M (Ax^2 + Ay^2)) and leaves M D, M Ax and M Ay in
 // the scratch, which is what the gradient pass needs: its value part is then M D, and the
-// adjoint gathers the weighted map entries (docs/spec.md section 1).
-template <typename acc_t>
+// adjoint gathers the weighted map entries (docs/spec.md section 1). Without WithMaps (no map
+// was built) only D is weighed and the second sum is 0.
+template <typename acc_t, bool WithMaps>
 std::pair<acc_t, acc_t> weigh_by_pixel(PlaneScratch<acc_t>& scratch, int64_t size) {
   acc_t* diff = scratch.diff;
   acc_t* map_x = scratch.map_x;
@@ -325,12 +326,21 @@ std::pair<acc_t, acc_t> weigh_by_pixel(PlaneScratch<acc_t>& scratch, int64_t siz
   for (int64_t n = 0; n < size; ++n) {
     const acc_t m = pixel[n];
     sum_d2 += m * diff[n] * diff[n];
-    sum_map2 += m * (map_x[n] * map_x[n] + map_y[n] * map_y[n]);
     diff[n] *= m;
-    map_x[n] *= m;
-    map_y[n] *= m;
+    if constexpr (WithMaps) {
+      sum_map2 += m * (map_x[n] * map_x[n] + map_y[n] * map_y[n]);
+      map_x[n] *= m;
+      map_y[n] *= m;
+    }
   }
   return {sum_d2, sum_map2};
+}
+
+// out = value_coef D, converted to out_t: dL/dD when grad_weight is 0.
+template <typename acc_t, typename out_t>
+void value_gradient_pass(const acc_t* diff, int64_t size, acc_t value_coef, out_t* out) {
+#pragma omp simd
+  for (int64_t n = 0; n < size; ++n) out[n] = static_cast<out_t>(value_coef * diff[n]);
 }
 
 template <typename acc_t, Stencil S>
@@ -361,6 +371,26 @@ void plane_loss(const PlaneProblem<acc_t>& p, int64_t plane, bool same_dtype, Pl
   } else {
     sum_d2 = load_difference_mixed<acc_t>(p, b, k, alpha, diff);
   }
+  const bool pixel_weighted = scratch.pixel_weight != nullptr;
+  if (pixel_weighted) scaled_plane<acc_t>(p.pixel_weight, b, k, H, W, acc_t(1), false, scratch.pixel_weight);
+
+  if (p.grad_weight == 0) {
+    // R counts for nothing (the MSE of HRNet and mmpose through hgloss.compat): no gradient map
+    // is built. For finite inputs this gives the bits of the full computation, whose map terms
+    // add exactly 0; an Inf in D gives an Inf loss here, where mu V + 0 R would be NaN.
+    if (pixel_weighted) sum_d2 = weigh_by_pixel<acc_t, false>(scratch, size).first;
+    if (p.grad != nullptr) {
+      const acc_t value_coef = 2 * value_scale * p.reduction_scale * weight;
+      if (p.grad_dtype == at::kBFloat16) {
+        value_gradient_pass(diff, size, value_coef, static_cast<c10::BFloat16*>(p.grad) + plane * size);
+      } else {
+        value_gradient_pass(diff, size, value_coef, static_cast<acc_t*>(p.grad) + plane * size);
+      }
+    }
+    p.terms[plane] = value_scale * sum_d2;
+    p.plane_losses[plane] = weight * p.terms[plane];
+    return;
+  }
 
   // Pass 2: Ax and Ay at every position of the flattened plane, then 0 outside the valid ranges.
 #pragma omp simd
@@ -377,11 +407,7 @@ void plane_loss(const PlaneProblem<acc_t>& p, int64_t plane, bool same_dtype, Pl
   // whether a gradient was asked for. A pixel weight replaces D, Ax and Ay by M D, M Ax and M Ay
   // first, so the same gradient pass gives its dL/dD; its sums are the weighted ones.
   acc_t sum_map2 = 0;
-  const bool pixel_weighted = scratch.pixel_weight != nullptr;
-  if (pixel_weighted) {
-    scaled_plane<acc_t>(p.pixel_weight, b, k, H, W, acc_t(1), false, scratch.pixel_weight);
-    std::tie(sum_d2, sum_map2) = weigh_by_pixel(scratch, size);
-  }
+  if (pixel_weighted) std::tie(sum_d2, sum_map2) = weigh_by_pixel<acc_t, true>(scratch, size);
   if (p.grad == nullptr) {
     if (!pixel_weighted) {
 #pragma omp simd reduction(+ : sum_map2)
