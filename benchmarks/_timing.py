@@ -1,4 +1,5 @@
-"""Measurement helpers for the benchmarks: timing, peak memory, copy bandwidth and machine facts.
+"""Measurement helpers for the benchmarks: timing, peak memory, copy bandwidth, machine facts and
+the parsing of their comma-separated flags.
 
 Every measurement splits a repetition into an untimed `prepare(i)`, which builds what the timed
 step consumes (and drops what the previous repetition left), and the timed `step(state)`. The
@@ -54,6 +55,20 @@ def time_ms(prepare: Prepare, step: Step, repeats: int, device: torch.device, fi
             result = step(state)
             samples.append((time.perf_counter() - begin) * 1e3)
         del result, state
+    return samples
+
+
+def time_in_turns(steps: dict[str, Step], prepare: Prepare, warmup: int, repeats: int,
+                  device: torch.device) -> dict[str, list[float]]:
+    """Milliseconds of each named step, the steps taken in turns, one call each per round, so
+    that a slow spell of a shared machine falls on all of them alike; the first `warmup` rounds
+    are not kept."""
+    samples = {name: [] for name in steps}
+    for round_index in range(warmup + repeats):
+        for name, step in steps.items():
+            taken = time_ms(prepare, step, 1, device, first=round_index)
+            if round_index >= warmup:
+                samples[name] += taken
     return samples
 
 
@@ -215,3 +230,8 @@ def optional_version(module: str) -> str:
         return __import__(module).__version__
     except Exception:  # not installed, or broken on this machine: either way, no version
         return ""
+
+
+def parse_list(text: str, convert: Callable[[str], object] = str) -> list:
+    """A comma-separated flag value as a list, each item converted: "32,64" -> [32, 64]."""
+    return [convert(item.strip()) for item in text.split(",") if item.strip()]

@@ -165,13 +165,10 @@ def measure_loss(args, device: torch.device, backend: str, bandwidth: float) -> 
                 inputs["pred"].grad = None
                 return inputs
 
-            samples = {provider: [] for provider in functions}
-            for round_index in range(args.warmup + args.repeats):
-                for provider, function in functions.items():
-                    taken = timing.time_ms(prepare, lambda inputs, f=function: f(inputs).backward(), 1, device,
-                                           first=round_index)
-                    if round_index >= args.warmup:
-                        samples[provider] += taken
+            steps = {
+                provider: (lambda inputs, f=function: f(inputs).backward()) for provider, function in functions.items()
+            }
+            samples = timing.time_in_turns(steps, prepare, args.warmup, args.repeats, device)
             for provider, taken in samples.items():
                 median, p20, p80 = timing.summarize(taken)
                 rows.append(
@@ -339,10 +336,6 @@ def plot(path: Path, loss_rows: list[LossRow], loader_rows: list[LoaderRow]) -> 
     return True
 
 
-def parse_list(text: str, convert=str) -> list:
-    return [convert(item.strip()) for item in text.split(",") if item.strip()]
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Benchmark hgloss.keypoint_heatmap_loss (targets built in the loss) against materialised "
@@ -367,12 +360,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
-        args.batch = parse_list(args.batch, int)
-        args.teacher = [value == "on" for value in parse_list(args.teacher)]
-        args.workers = parse_list(args.workers, int)
+        args.batch = timing.parse_list(args.batch, int)
+        args.teacher = [value == "on" for value in timing.parse_list(args.teacher)]
+        args.workers = timing.parse_list(args.workers, int)
     except ValueError as error:
         raise SystemExit(f"bench_keypoint_targets.py: error: {error}") from None
-    args.providers = parse_list(args.providers)
+    args.providers = timing.parse_list(args.providers)
     unknown = [name for name in args.providers if name not in PROVIDERS]
     if unknown:
         raise SystemExit(f"bench_keypoint_targets.py: error: unknown providers {unknown}; expected {list(PROVIDERS)}")

@@ -483,10 +483,6 @@ def add_speedups(rows: list[Measurement]) -> None:
 # Command line
 
 
-def parse_list(text: str, convert: Callable[[str], object] = str) -> list:
-    return [convert(item.strip()) for item in text.split(",") if item.strip()]
-
-
 def parse_size(text: str) -> tuple[int, int]:
     height, _, width = text.lower().partition("x")
     size = int(height), int(width)
@@ -545,12 +541,12 @@ def sweep_values(args: argparse.Namespace) -> dict[str, list]:
     text = {name: getattr(args, name) or base[name] for name in DEFAULTS}
     try:
         values = {
-            "batch": parse_list(text["batch"], int),
-            "joints": parse_list(text["joints"], int),
-            "size": parse_list(text["size"], parse_size),
-            "dtype": parse_list(text["dtype"]),
-            "teacher": parse_list(text["teacher"], parse_switch),
-            "stencil": parse_list(text["stencil"]),
+            "batch": timing.parse_list(text["batch"], int),
+            "joints": timing.parse_list(text["joints"], int),
+            "size": timing.parse_list(text["size"], parse_size),
+            "dtype": timing.parse_list(text["dtype"]),
+            "teacher": timing.parse_list(text["teacher"], parse_switch),
+            "stencil": timing.parse_list(text["stencil"]),
         }
     except (ValueError, argparse.ArgumentTypeError) as error:
         raise SystemExit(f"bench_loss.py: error: {error}") from None
@@ -566,7 +562,7 @@ def sweep_values(args: argparse.Namespace) -> dict[str, list]:
 
 
 def resolve_devices(args: argparse.Namespace) -> list[str]:
-    devices = parse_list(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    devices = timing.parse_list(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     for device in devices:
         if device not in ("cpu", "cuda"):
             raise SystemExit(f"bench_loss.py: error: unknown device {device!r}")
@@ -580,7 +576,7 @@ def resolve_providers(args: argparse.Namespace, device: str) -> list[str]:
     available = list(BASELINES) + fused_backends(torch.device(device))
     if args.providers is None:
         return available
-    wanted = parse_list(args.providers)
+    wanted = timing.parse_list(args.providers)
     unknown = [name for name in wanted if name not in list(BASELINES) + list(hgloss.functional.BACKENDS)]
     if unknown:
         raise SystemExit(f"bench_loss.py: error: unknown providers {unknown}")
@@ -911,7 +907,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in ("repeats", "warmup", "buffer_sets"):
         if getattr(args, name) < (0 if name == "warmup" else 1):
             raise SystemExit(f"bench_loss.py: error: --{name.replace('_', '-')} is too small")
-    modes = parse_list(args.mode)
+    modes = timing.parse_list(args.mode)
     if unknown := [mode for mode in modes if mode not in MODES]:
         raise SystemExit(f"bench_loss.py: error: unknown modes {unknown}; expected {list(MODES)}")
     sweep = sweep_values(args)
@@ -919,7 +915,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     providers = {device: resolve_providers(args, device) for device in devices}
     budget = Budget(args.max_seconds if args.max_seconds is not None else (FULL_MAX_SECONDS if args.full else None))
     try:
-        thread_counts = parse_list(args.threads, int) if args.threads else [torch.get_num_threads()]
+        thread_counts = timing.parse_list(args.threads, int) if args.threads else [torch.get_num_threads()]
     except ValueError as error:
         raise SystemExit(f"bench_loss.py: error: --threads: {error}") from None
     if min(thread_counts) < 1:

@@ -227,13 +227,10 @@ def measure(args, device: torch.device, bandwidth: float) -> list[Row]:
             inputs["pred"].grad = None
             return inputs
 
-        samples = {provider: [] for provider in functions}
-        for round_index in range(args.warmup + args.repeats):
-            for provider, function in functions.items():
-                taken = timing.time_ms(prepare, lambda inputs, f=function: f(inputs).backward(), 1, device,
-                                       first=round_index)
-                if round_index >= args.warmup:
-                    samples[provider] += taken
+        steps = {
+            provider: (lambda inputs, f=function: f(inputs).backward()) for provider, function in functions.items()
+        }
+        samples = timing.time_in_turns(steps, prepare, args.warmup, args.repeats, device)
         for provider in args.providers:
             row = Row(batch, weights, provider, unavoidable_bytes=unavoidable_bytes(sets[0]), copy_bandwidth=bandwidth)
             if provider in samples:
@@ -342,10 +339,6 @@ def plot(path: Path, rows: list[Row]) -> bool:
     return True
 
 
-def parse_list(text: str, convert=str) -> list:
-    return [convert(item.strip()) for item in text.split(",") if item.strip()]
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Benchmark per-pixel weights (mmpose's KeypointMSELoss with a mask or pixel-wise weights) "
@@ -367,10 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
-        args.batch = parse_list(args.batch, int)
+        args.batch = timing.parse_list(args.batch, int)
     except ValueError as error:
         raise SystemExit(f"bench_pixel_weight.py: error: {error}") from None
-    args.weights = parse_list(args.weights)
+    args.weights = timing.parse_list(args.weights)
     unknown = [name for name in args.weights if name not in WEIGHTS]
     if unknown:
         raise SystemExit(f"bench_pixel_weight.py: error: unknown weights {unknown}; expected {list(WEIGHTS)}")
@@ -380,7 +373,7 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     fused = fused_backends(device)
     known = [*BASELINES, *fused]
-    args.providers = parse_list(args.providers) if args.providers else known
+    args.providers = timing.parse_list(args.providers) if args.providers else known
     unknown = [name for name in args.providers if name not in known]
     if unknown:
         raise SystemExit(f"bench_pixel_weight.py: error: providers {unknown} not available on {device.type}; "

@@ -20,6 +20,7 @@ from hgloss import functional, targets
 from hgloss.backends import _build
 
 from conftest import ROOT, grad_error, heatmaps, loss_error
+from test_fused_pixel_weight import pixel_weight_of
 from test_fused_vs_reference import STENCILS, assert_matches_reference, make_case
 
 needs_cuda = pytest.mark.skipif(
@@ -106,7 +107,7 @@ def test_failed_build_falls_back_under_auto_and_raises_when_named(gpu_without_cu
     ids=lambda s: "x".join(map(str, s)),
 )
 def test_big_and_degenerate_planes_match_the_reference(stencil, shape, generator):
-    inputs = make_case(shape, "per-sample", (1,), generator, device="cuda")
+    inputs = make_case(shape, "per_sample", (1,), generator, device="cuda")
     assert_matches_reference("cuda", inputs, "mean", stencil, generator)
 
 
@@ -151,22 +152,6 @@ def test_every_float32_layout_matches_the_float64_reference(stencil, shape, gene
         assert grad_error(grad, ref_grad) <= 1e-5, layout
 
 
-def pixel_weight_of(form, shape, generator, dtype=torch.float64):
-    """A pixel weight in [0, 1) on the GPU, in one of the forms that broadcast to `shape`: full
-    (B, K, H, W), per sample (B, 1, H, W), per joint and column (1, K, 1, W), one (H, W) plane,
-    or a full one transposed (strided rows)."""
-    batch, joints, height, width = shape
-    if form == "transposed":
-        return pixel_weight_of("full", (batch, joints, width, height), generator, dtype).transpose(2, 3)
-    size = {
-        "full": (batch, joints, height, width),
-        "per-sample": (batch, 1, height, width),
-        "per-joint-column": (1, joints, 1, width),
-        "plane": (height, width),
-    }[form]
-    return torch.rand(size, generator=generator, dtype=torch.float64).to(dtype).cuda()
-
-
 def assert_pixel_weighted_matches_reference(shape, dtype, pixel_weight, stencil, generator, tolerance):
     """Loss per plane and pred.grad, with a teacher and target weights, against the reference in
     float64 on the same (upcast) inputs."""
@@ -198,19 +183,19 @@ def assert_pixel_weighted_matches_reference(shape, dtype, pixel_weight, stencil,
     "shape, form",
     [
         ((2, 3, 300, 300), "full"),  # tiled: M at the tiles' rings
-        ((2, 3, 300, 300), "per-joint-column"),
-        ((2, 3, 1, 9000), "per-sample"),  # tiled, one pixel high
+        ((2, 3, 300, 300), "per_joint_column"),
+        ((2, 3, 1, 9000), "per_sample"),  # tiled, one pixel high
         ((2, 3, 9000, 1), "plane"),  # tiled, one pixel wide
         ((4, 17, 64, 48), "full"),  # whole planes
-        ((4, 17, 64, 48), "per-sample"),
-        ((4, 17, 64, 48), "per-joint-column"),
+        ((4, 17, 64, 48), "per_sample"),
+        ((4, 17, 64, 48), "per_joint_column"),
         ((4, 17, 64, 48), "plane"),
         ((2, 5, 33, 17), "transposed"),
     ],
     ids=lambda case: "x".join(map(str, case)) if isinstance(case, tuple) else case,
 )
 def test_pixel_weight_matches_the_reference(stencil, dtype, shape, form, generator):
-    pixel_weight = pixel_weight_of(form, shape, generator, dtype)
+    pixel_weight = pixel_weight_of(form, shape, generator, "cuda", dtype)
     assert_pixel_weighted_matches_reference(shape, dtype, pixel_weight, stencil, generator, 1e-5)
 
 
@@ -229,7 +214,7 @@ def test_pixel_weight_matches_the_reference(stencil, dtype, shape, form, generat
 def test_half_precision_pixel_weight_matches_the_reference(stencil, pred_dtype, weight_dtype, tolerance, shape,
                                                           generator):
     """M in a dtype of its own, read as it is stored: the reference upcasts the same values."""
-    pixel_weight = pixel_weight_of("per-sample", shape, generator, weight_dtype)
+    pixel_weight = pixel_weight_of("per_sample", shape, generator, "cuda", weight_dtype)
     assert_pixel_weighted_matches_reference(shape, pred_dtype, pixel_weight, stencil, generator, tolerance)
 
 
@@ -244,7 +229,7 @@ def test_pixel_weight_with_a_separable_target_matches_the_reference(stencil, sha
     keypoints = torch.rand(batch, joints, 2, generator=generator, dtype=torch.float64) * torch.tensor([width, height])
     rows, cols, _ = targets.gaussian_factors(keypoints.cuda(), None, height, width, 2.0, "msra")
     pred = heatmaps(shape, torch.float32, "cuda", generator)
-    pixel_weight = pixel_weight_of("per-joint-column", shape, generator)
+    pixel_weight = pixel_weight_of("per_joint_column", shape, generator, "cuda")
     loss, _, grad = torch.ops.hgloss.heatmap_loss(
         pred, None, None, None, None, 1.0, 1.0, stencil, "mean", True, rows, cols, pixel_weight
     )
