@@ -220,7 +220,9 @@ def test_autograd_matches_the_reference(stencil, reduction, generator):
 def test_the_schema_takes_the_factors_as_optional_tensors():
     schema = str(fused_op("triton").default._schema)
     assert "Tensor? target," in schema
-    assert schema.endswith("Tensor? target_rows=None, Tensor? target_cols=None) -> (Tensor, Tensor, Tensor)")
+    assert schema.endswith(
+        "Tensor? target_rows=None, Tensor? target_cols=None, Tensor? pixel_weight=None) -> (Tensor, Tensor, Tensor)"
+    )
 
 
 @pytest.mark.parametrize("given", ["target and factors", "rows only", "cols only", "neither"])
