@@ -182,9 +182,9 @@ def heatmap_gradient_loss(
             (|grad P| - |grad T|)^2 over the positions where both maps are defined. The magnitude
             form is computed by the reference backend only ("auto" picks it).
         pixel_weight: per-pixel weights M, a floating tensor broadcastable to (B, K, H, W), e.g.
-            (B, 1, H, W) or (H, W); any strides (an expanded tensor is not copied). It may require grad; its gradient is computed by the
-            reference backend only ("auto" then picks it; a fused backend named raises
-            ValueError).
+            (B, 1, H, W) or (H, W); any strides (an expanded tensor is not copied). It may
+            require grad; its gradient is computed by the reference backend only ("auto" then
+            picks it; a fused backend named raises ValueError).
 
     Returns:
         The loss, float64 for a float64 pred and float32 otherwise.

@@ -199,18 +199,13 @@ def fused_heatmap_loss(
         or (teacher is not None and teacher.requires_grad)
     )
     operator = getattr(torch.ops.hgloss, OPERATOR_NAMES[backend])
-    if pixel_weight is not None:
+    if target is None or pixel_weight is not None:
         loss, _, _ = operator(
             pred, target, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction, compute_grad, target_rows,
             target_cols, pixel_weight,
         )
-    elif target is None:
-        loss, _, _ = operator(
-            pred, None, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction, compute_grad, target_rows,
-            target_cols,
-        )
     else:
-        # The tensor form passes no factors: each argument costs a small call time.
+        # The plain call passes no optional argument: each one costs a small call time.
         loss, _, _ = operator(
             pred, target, teacher, alpha, weight, mse_weight, grad_weight, stencil, reduction, compute_grad
         )

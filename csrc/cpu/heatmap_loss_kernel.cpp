@@ -9,9 +9,9 @@
 // pixel the kernel reads P, G (and S) from memory once and writes dL/dD once; T, D and the
 // gradient maps never reach a full-size tensor. A pixel weight M is staged in a fourth plane of
 // the scratch, converted once from any dtype and strides (stride 0 where it is broadcast);
-// weighing the sums and the maps is one more pass over the staged plane. Sums run in a fixed order inside each plane and
-// the plane losses are added in index order, so results are bit-identical whatever the thread
-// count.
+// weighing the sums and the maps is one more pass over the staged plane. Sums run in a fixed
+// order inside each plane and the plane losses are added in index order, so results are
+// bit-identical whatever the thread count.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
