@@ -71,7 +71,8 @@ for row in csv.DictReader(open(path)):
 for batch in sorted({batch for batch, _ in medians}):
     cpu, compiled = medians.get((batch, "cpu")), medians.get((batch, "compile"))
     ratio = f"{compiled / cpu:.2f}x" if cpu and compiled else "-"
-    print(f"| {arch} | {round_number} | {batch} | {cpu or '-'} | {compiled or '-'} | {ratio} |")
+    shown = [f"{value:.2f}" if value else "-" for value in (cpu, compiled)]
+    print(f"| {arch} | {round_number} | {batch} | {shown[0]} | {shown[1]} | {ratio} |")
 EOF
     done
   done
