@@ -73,6 +73,21 @@ def check_term_weight(name: str, value) -> float:
     return as_float
 
 
+# What may follow (B, K) in a plane weight's shape.
+_UNIT_TRAILING_SIZES = ((), (1,), (1, 1))
+
+
+def _tensor_names(weight_name: str) -> tuple[str, ...]:
+    """The names of check_loss_arguments's tensors, in its order, for messages."""
+    return ("pred", "target", "teacher", weight_name, "alpha", "pixel_weight")
+
+
+def _raise_for_tensor_type(name: str, value) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(value).__name__}")
+    check_dtype(name, value)
+
+
 def check_loss_arguments(
     pred: torch.Tensor,
     target: torch.Tensor,
@@ -100,21 +115,18 @@ def check_loss_arguments(
     target_given = isinstance(target, torch.Tensor) or (target_optional and target is None)
     if not isinstance(pred, torch.Tensor) or not target_given:
         raise TypeError("pred and target must be tensors")
-    named = (
-        ("pred", pred), ("target", target), ("teacher", teacher), (weight_name, weight),
-        ("alpha", alpha if isinstance(alpha, torch.Tensor) else None), ("pixel_weight", pixel_weight),
-    )
+    alpha_tensor = alpha if isinstance(alpha, torch.Tensor) else None
+    tensors = (pred, target, teacher, weight, alpha_tensor, pixel_weight)
     device = pred.device
     one_device = True
-    for name, tensor in named:
+    for position, tensor in enumerate(tensors):
         if tensor is None:
             continue
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"{name} must be a tensor, got {type(tensor).__name__}")
-        if tensor.dtype not in SUPPORTED_DTYPES:
-            check_dtype(name, tensor)
+        if not isinstance(tensor, torch.Tensor) or tensor.dtype not in SUPPORTED_DTYPES:
+            _raise_for_tensor_type(_tensor_names(weight_name)[position], tensor)
         one_device = one_device and tensor.device == device
     if not one_device:
+        named = zip(_tensor_names(weight_name), tensors)
         listed = ", ".join(f"{name} on {tensor.device}" for name, tensor in named if tensor is not None)
         raise ValueError(f"all tensors must be on one device, got {listed}")
 
@@ -123,15 +135,12 @@ def check_loss_arguments(
     batch, joints, height, width = pred.shape
     if joints < 1 or height < 1 or width < 1:
         raise ValueError(f"pred must have K, H, W >= 1, got shape {_shape(pred)}")
-    for name, tensor in named[1:3]:
+    for name, tensor in (("target", target), ("teacher", teacher)):
         if tensor is not None and tensor.shape != pred.shape:
             raise ValueError(f"{name} shape {_shape(tensor)} differs from pred shape {_shape(pred)}")
-    if weight is not None:
+    if weight is not None and not (weight.shape[:2] == pred.shape[:2] and weight.shape[2:] in _UNIT_TRAILING_SIZES):
         accepted = [(batch, joints), (batch, joints, 1), (batch, joints, 1, 1)]
-        if _shape(weight) not in accepted:
-            raise ValueError(
-                f"{weight_name} shape {_shape(weight)} is not one of {accepted} for pred shape {_shape(pred)}"
-            )
+        raise ValueError(f"{weight_name} shape {_shape(weight)} is not one of {accepted} for pred shape {_shape(pred)}")
     if pixel_weight is not None:
         check_pixel_weight_shape(pixel_weight, pred)
 

@@ -50,6 +50,7 @@ def gpu_without_cuda_kernels(monkeypatch):
     monkeypatch.setattr(_build, "cuda_kernels_registered", lambda: False)
     monkeypatch.setattr(_build, "_cuda_failure", None)
     monkeypatch.setattr(_build, "_cuda_ready", False)
+    monkeypatch.setattr(functional, "_auto_choices", {})  # "auto" decides afresh for this process
 
 
 @needs_extension

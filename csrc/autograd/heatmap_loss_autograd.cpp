@@ -68,6 +68,10 @@ bool is_traced(const at::Tensor& tensor) {
          tensor.key_set().has_any(c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::Functionalize}));
 }
 
+at::Tensor converted(const at::Tensor& tensor, at::ScalarType type) {
+  return tensor.scalar_type() == type ? tensor : tensor.to(type);
+}
+
 std::optional<at::Tensor> optional_of(const at::Tensor& tensor) {
   return tensor.defined() ? std::optional<at::Tensor>(tensor) : std::nullopt;
 }
@@ -86,6 +90,7 @@ class HeatmapLossFunction : public torch::autograd::Function<HeatmapLossFunction
                             alpha.value_or(at::Tensor()), weight.value_or(at::Tensor()),
                             target_rows.value_or(at::Tensor()), target_cols.value_or(at::Tensor()),
                             pixel_weight.value_or(at::Tensor())});
+    ctx->saved_data.reserve(5);  // one allocation for the five settings, not a rehash per insert
     ctx->saved_data["mse_weight"] = mse_weight;
     ctx->saved_data["grad_weight"] = grad_weight;
     ctx->saved_data["stencil"] = std::string(stencil);
@@ -110,7 +115,8 @@ class HeatmapLossFunction : public torch::autograd::Function<HeatmapLossFunction
     const at::Tensor &teacher = saved[4], &alpha = saved[5], &weight = saved[6];
     const bool per_plane = ctx->saved_data["reduction"].toStringRef() == "none";
     const bool mean = ctx->saved_data["reduction"].toStringRef() == "mean";
-    const at::Tensor upstream = grad_loss.to(terms.scalar_type());
+    // Conversions only where the dtypes differ: a no-op .to() still costs a dispatcher call.
+    const at::Tensor upstream = converted(grad_loss, terms.scalar_type());
     // needs_input_grad counts the tensors passed, so absent optional ones shift the later ones.
     const size_t teacher_edge = 1 + target.defined(), alpha_edge = teacher_edge + teacher.defined();
     const size_t weight_edge = alpha_edge + alpha.defined();
@@ -132,7 +138,7 @@ class HeatmapLossFunction : public torch::autograd::Function<HeatmapLossFunction
     if (needs_target) {
       grads[1] = (alpha.defined() ? grad_diff * (alpha - 1).view({-1, 1, 1, 1}) : -grad_diff).to(target.scalar_type());
     }
-    if (needs_pred) grads[0] = grad_diff.to(pred.scalar_type());
+    if (needs_pred) grads[0] = converted(grad_diff, pred.scalar_type());
     return grads;
   }
 
