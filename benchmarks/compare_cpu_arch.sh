@@ -57,23 +57,11 @@ done
   echo "Each row is one round's bench_loss.py result (median ms of the fused CPU backend and of"
   echo "torch.compile, measured side by side in that run); the rounds alternate between the builds."
   echo
-  echo "| -march | round | batch | cpu ms | compile ms | cpu vs compile |"
-  echo "| --- | --- | --- | --- | --- | --- |"
+  echo "| -march | round | threads | batch | cpu ms | compile ms | cpu vs compile |"
+  echo "| --- | --- | --- | --- | --- | --- | --- |"
   for arch in "${arches[@]}"; do
     for round in $(seq 1 "$rounds"); do
-      "$PY" - "$out/$arch-$round/bench_loss.csv" "$arch" "$round" <<'EOF'
-import csv, sys
-
-path, arch, round_number = sys.argv[1:]
-medians = {}
-for row in csv.DictReader(open(path)):
-    medians[(int(row["batch"]), row["provider"])] = float(row["median_ms"])
-for batch in sorted({batch for batch, _ in medians}):
-    cpu, compiled = medians.get((batch, "cpu")), medians.get((batch, "compile"))
-    ratio = f"{compiled / cpu:.2f}x" if cpu and compiled else "-"
-    shown = [f"{value:.2f}" if value else "-" for value in (cpu, compiled)]
-    print(f"| {arch} | {round_number} | {batch} | {shown[0]} | {shown[1]} | {ratio} |")
-EOF
+      "$PY" "$repo/benchmarks/compare_cpu_arch_rows.py" "$out/$arch-$round/bench_loss.csv" "$arch" "$round"
     done
   done
 } > "$out/summary.md"

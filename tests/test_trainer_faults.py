@@ -202,7 +202,7 @@ def test_an_absurd_learning_rate_ends_with_one_line_saying_the_loss_diverged(tmp
 
 def test_ctrl_c_exits_with_one_line_and_leaves_no_temporary_file(tmp_path):
     flags = [f"--{key.replace('_', '-')}={','.join(map(str, value)) if isinstance(value, list) else value}"
-             for key, value in {**TINY, "epochs": 200, "eval_every": 1000}.items()]
+             for key, value in {**TINY, "epochs": 100_000, "eval_every": 100_000}.items()]
     process = subprocess.Popen(
         [sys.executable, os.path.join(ROOT, "examples", "train_pose.py"), *flags, "--data-root", str(tmp_path / "data"),
          "--out", str(tmp_path / "run")], stderr=subprocess.PIPE, text=True, cwd=ROOT,
