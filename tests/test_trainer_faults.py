@@ -206,7 +206,10 @@ def test_ctrl_c_exits_with_one_line_and_leaves_no_temporary_file(tmp_path):
     process = subprocess.Popen(
         [sys.executable, os.path.join(ROOT, "examples", "train_pose.py"), *flags, "--data-root", str(tmp_path / "data"),
          "--out", str(tmp_path / "run")], stderr=subprocess.PIPE, text=True, cwd=ROOT,
-        env={**os.environ, "OMP_NUM_THREADS": "1"})
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        # A shell without job control starts background commands with SIGINT ignored, and a child
+        # inherits that; Python then never raises KeyboardInterrupt. The run gets the default.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 240
     while not (tmp_path / "run" / "last.pt").is_file() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
