@@ -10,6 +10,7 @@ import contextlib
 import os
 import platform
 import re
+import shlex
 import statistics
 import sys
 import tempfile
@@ -235,3 +236,23 @@ def optional_version(module: str) -> str:
 def parse_list(text: str, convert: Callable[[str], object] = str) -> list:
     """A comma-separated flag value as a list, each item converted: "32,64" -> [32, 64]."""
     return [convert(item.strip()) for item in text.split(",") if item.strip()]
+
+
+def machine_record(device: torch.device, bandwidth: float) -> dict[str, str]:
+    """What a result file says about where it was measured; `bandwidth` is copy_bandwidth's."""
+    import hgloss
+
+    return {
+        "device_name": device_name(device),
+        "torch_version": torch.__version__,
+        "hgloss_version": hgloss.__version__,
+        "cpu_cores": str(cpu_count()),
+        "torch_threads": str(torch.get_num_threads()),
+        "copy_gbps": f"{bandwidth / 1e9:.1f}",
+    }
+
+
+def command_line(argv: list[str] | None) -> str:
+    """The command that ran this benchmark, to quote in its summary: `python <script> <arguments>`."""
+    arguments = argv or sys.argv[1:]
+    return "python " + " ".join(shlex.quote(part) for part in [os.path.basename(sys.argv[0]), *arguments])

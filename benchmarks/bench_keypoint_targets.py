@@ -38,7 +38,6 @@ On a 2-core CPU the default run takes about two minutes: the synthetic set is re
 
 import argparse
 import csv
-import shlex
 import sys
 import tempfile
 import time
@@ -381,16 +380,9 @@ def main(argv: list[str] | None = None) -> None:
     bandwidth = timing.copy_bandwidth(device)
     loss_rows = measure_loss(args, device, backend, bandwidth)
     loader_rows = [] if args.skip_loader else measure_loader(args)
-    info = {
-        "device_name": timing.device_name(device),
-        "torch_version": torch.__version__,
-        "hgloss_version": hgloss.__version__,
-        "cpu_cores": str(timing.cpu_count()),
-        "torch_threads": str(torch.get_num_threads()),
-        "copy_gbps": f"{bandwidth / 1e9:.1f}",
-    }
+    info = timing.machine_record(device, bandwidth)
     write_csv(out / "bench_keypoint_targets.csv", loss_rows, loader_rows, info)
-    command = "python " + " ".join(shlex.quote(part) for part in [Path(sys.argv[0]).name, *(argv or sys.argv[1:])])
+    command = timing.command_line(argv)
     summary = [
         f"# Fused keypoint targets: {info['device_name']}",
         "",

@@ -52,7 +52,6 @@ Each compile provider compiles first (tens of seconds per setting on a 2-core CP
 import argparse
 import csv
 import itertools
-import shlex
 import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -383,16 +382,9 @@ def main(argv: list[str] | None = None) -> None:
 
     bandwidth = timing.copy_bandwidth(device)
     rows = measure(args, device, bandwidth)
-    info = {
-        "device_name": timing.device_name(device),
-        "torch_version": torch.__version__,
-        "hgloss_version": hgloss.__version__,
-        "cpu_cores": str(timing.cpu_count()),
-        "torch_threads": str(torch.get_num_threads()),
-        "copy_gbps": f"{bandwidth / 1e9:.1f}",
-    }
+    info = timing.machine_record(device, bandwidth)
     write_csv(out / "bench_pixel_weight.csv", rows, args.grad_weight, info)
-    command = "python " + " ".join(shlex.quote(part) for part in [Path(sys.argv[0]).name, *(argv or sys.argv[1:])])
+    command = timing.command_line(argv)
     term = ("grad_weight 0 (mmpose's loss)" if args.grad_weight == 0 else
             f"grad_weight {args.grad_weight:g} (mmpose and compile have no gradient term: skipped)")
     summary = [
