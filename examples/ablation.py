@@ -19,7 +19,8 @@ The settings (SETTINGS below) answer four questions:
 
 Runs go to --runs/<model>/<setting>/seed<k>/ (the trainer's usual outputs). A finished run
 (result.json present) is skipped and an interrupted one resumes from its last.pt, so the study
-can be stopped and started again (a resumed run's wall_s counts its last part only). After every finished run the report is rewritten in
+can be stopped and started again (a resumed run's wall_s sums its parts: the trainer keeps the
+time in its checkpoints). After every finished run the report is rewritten in
 --results: runs.csv (one row per run), summary.md (per model: AP mean +- std, the paired
 difference against mse with its 95% interval, the heatmap-shape metrics) and the plots.
 
@@ -136,10 +137,8 @@ def _train(run: Run, config_path: str, best_weight: float | None, runs: Path, th
     config = load_config(config_path, _run_overrides(run, base, best_weight, runs))
     folder = run.folder(runs)
     resume = "auto" if (folder / "last.pt").is_file() else None
-    started = time.perf_counter()
     trainer = Trainer(config, resume=resume)
     metrics = trainer.fit()
-    wall = time.perf_counter() - started
     row = {
         "model": run.model, "setting": run.setting.name, "loss": config.loss,
         "grad_weight": config.grad_weight if config.loss != "mse" else 0.0, "stencil": config.stencil,
@@ -147,7 +146,7 @@ def _train(run: Run, config_path: str, best_weight: float | None, runs: Path, th
         "distill": config.distill if config.loss == "hg+sd" else "", "alpha": config.alpha if config.loss == "hg+sd" else 0.0,
         "distance0": config.distance0 if config.loss == "hg+sd" else "",
         "step_factor": config.step_factor if config.loss == "hg+sd" else "", "seed": run.seed,
-        "epochs": config.epochs, "optimizer_steps": trainer.state.step, "wall_s": round(wall, 1),
+        "epochs": config.epochs, "optimizer_steps": trainer.state.step, "wall_s": round(trainer.state.seconds, 1),
         **{key: metrics.get(key, float("nan")) for key in ("AP", "AP50", "AP75", "AR", *SHAPE_METRICS)},
     }  # fmt: skip
     (folder / "result.json").write_text(json.dumps(row, indent=1))

@@ -129,6 +129,18 @@ def test_resume_auto_of_a_finished_run_changes_nothing_and_more_epochs_continue(
     assert torch.load(out / "last.pt", weights_only=True)["run"]["next_epoch"] == 2
 
 
+def test_a_resumed_run_keeps_counting_its_time_from_where_the_checkpoint_left_it(tmp_path):
+    first_part = Trainer(tiny_config(tmp_path))
+    first_part.fit()
+    saved_seconds = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["run"]["seconds"]
+    assert saved_seconds == first_part.state.seconds > 0
+
+    second_part = Trainer(tiny_config(tmp_path, epochs=2), resume="auto")
+    second_part.fit()
+    assert second_part.state.seconds > saved_seconds
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["run"]["seconds"] == second_part.state.seconds
+
+
 def test_resume_auto_without_a_checkpoint_starts_fresh_and_says_so(tmp_path, capsys):
     Trainer(tiny_config(tmp_path), resume="auto").fit()
     assert "no checkpoint at" in capsys.readouterr().err and (tmp_path / "run" / "last.pt").is_file()

@@ -16,12 +16,14 @@ import torch
 
 @dataclass
 class RunState:
-    """Where a run stands: the next epoch to train, the optimizer steps taken, and the best
-    value of the headline metric so far (AP, PCKh@0.5 or PCK: evaluate.headline_metric)."""
+    """Where a run stands: the next epoch to train, the optimizer steps taken, the best value of
+    the headline metric so far (AP, PCKh@0.5 or PCK: evaluate.headline_metric), and the seconds
+    the run has taken (setting up, training, evaluating), summed over every part of a resumed run."""
 
     next_epoch: int = 0
     step: int = 0
     best_metric: float = float("-inf")
+    seconds: float = 0.0
 
 
 def save_atomically(state: dict, path: Path) -> None:

@@ -137,6 +137,7 @@ class Trainer:
     """
 
     def __init__(self, config: TrainConfig, resume: str | None = None) -> None:
+        started = time.perf_counter()
         config.validate()
         self.config = config
         self.out = Path(config.out)
@@ -145,6 +146,7 @@ class Trainer:
         self.rank, self.world = distributed.rank(), distributed.world()
         checkpoint = read_resume_checkpoint(config, resume, self.device)
         self.state = RunState(**checkpoint["run"]) if checkpoint else RunState()
+        self._clock = (started, self.state.seconds)  # when this part of the run began, and the time before it
         self.finished_metrics = checkpoint["metrics"] if self.state.next_epoch >= config.epochs else None
         self.saved_epoch = self.state.next_epoch if checkpoint else None  # of <out>/last.pt, for messages
         if self.finished_metrics is not None:
@@ -171,6 +173,8 @@ class Trainer:
     # -- checkpoints ------------------------------------------------------------------------------
 
     def _checkpoint(self, metrics: dict) -> dict:
+        started, seconds_before = self._clock
+        self.state.seconds = seconds_before + time.perf_counter() - started
         return {
             "run": dataclasses.asdict(self.state), "metrics": metrics, "config": dataclasses.asdict(self.config),
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
