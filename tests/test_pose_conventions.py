@@ -86,6 +86,31 @@ def test_opencvs_nine_tap_table_is_not_the_sigma_formula():
     np.testing.assert_array_equal(taps * 256, [4, 13, 30, 51, 60, 51, 30, 13, 4])
 
 
+@pytest.mark.parametrize("sigma, kernel", [(1.0, 5), (1.5, 7), (2.0, 11), (3.0, 17)])
+def test_dark_kernel_matches_mmposes_blur_sizes(sigma, kernel):
+    # mmpose's configs pair sigma 2 with blur_kernel_size 11 and sigma 3 with 17.
+    assert codecs.dark_kernel(sigma) == kernel
+
+
+@pytest.mark.parametrize("kernel", range(3, 32, 2))
+def test_dark_kernel_inverts_opencvs_rule(kernel):
+    # sigma = 0.3 * ((k - 1) / 2 - 1) + 0.8 is OpenCV's width for a k-tap Gaussian; nudged either way by less
+    # than half a step of k, sigma still maps back to k.
+    sigma = 0.3 * ((kernel - 1) / 2 - 1) + 0.8
+    for nudge in (-0.14, 0.0, 0.14):
+        assert codecs.dark_kernel(sigma + nudge) == kernel
+
+
+@pytest.mark.parametrize("sigma", [0.0, -1.0, float("nan"), float("inf"), True, "2"])
+def test_dark_kernel_refuses_a_sigma_that_is_not_a_positive_number(sigma):
+    with pytest.raises(ValueError, match="sigma must be a positive finite number"):
+        codecs.dark_kernel(sigma)
+
+
+def test_dark_kernel_is_at_least_three_taps():
+    assert codecs.dark_kernel(0.1) == 3
+
+
 # --------------------------------------------------------------------------------------------
 # HRNet: get_max_preds and get_final_preds (lib/core/inference.py)
 

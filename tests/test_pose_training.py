@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from hgloss.distill import ReplayDistillation, SeededBatchSampler, SnapshotDistillation
-from trainer import Trainer, load_config
+from hgloss.pose import codecs
+from trainer import Trainer, evaluate, load_config
 from trainer.data import DataSplit, load_split
 from trainer.loop import build_distillation, build_model
 from trainer.loss import PoseLoss
@@ -164,6 +165,24 @@ def test_two_process_ddp_run(tmp_path):
     last_step = lambda folder: max(r["step"] for r in read_log(folder) if r["kind"] == "train")  # noqa: E731
     # Each rank trains on its half of the data: fewer iterations than one process over all of it.
     assert last_step(tmp_path / "ddp") < last_step(single)
+
+
+def test_dark_decoding_blurs_with_the_size_matched_to_sigma_unless_one_is_set(tmp_path, monkeypatch):
+    assert load_config(None, {**TINY, "sigma": 1.0}).decode_kernel == 5
+    assert load_config(None, {**TINY, "sigma": 2.0}).decode_kernel == 11
+    assert load_config(None, {**TINY, "sigma": 1.0, "dark_kernel": 11}).decode_kernel == 11
+    kernels, decode = [], codecs.decode
+
+    def recording_decode(heatmaps, refine="dark", kernel=11):
+        kernels.append((refine, kernel))
+        return decode(heatmaps, refine=refine, kernel=kernel)
+
+    monkeypatch.setattr(evaluate.codecs, "decode", recording_decode)
+    run(tmp_path, "run", loss="mse", sigma=1.0)
+    assert kernels and set(kernels) == {("dark", 5)}
+    kernels.clear()
+    run(tmp_path, "pinned", loss="mse", sigma=1.0, dark_kernel=3)
+    assert kernels and set(kernels) == {("dark", 3)}
 
 
 @pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(ROOT, "examples", "configs"))))

@@ -49,6 +49,8 @@ BAD_SETTINGS = [
     ("lr", "fast", "lr must be a number > 0, got 'fast'"),
     ("lr_steps", [72, 60], "lr_steps must be increasing, got [72, 60]"),
     ("device", "tpu", "device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+    ("dark_kernel", 4, "dark_kernel must be odd, or 0 to match sigma, got 4"),
+    ("dark_kernel", -1, "dark_kernel must be an integer >= 0, got -1"),
 ]
 
 

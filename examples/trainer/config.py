@@ -20,7 +20,7 @@ import torch
 from hgloss import functional
 from hgloss.distill import SteppingSchedule
 from hgloss.stencils import STENCILS
-from hgloss.pose import models
+from hgloss.pose import codecs, models
 
 LOSSES = ("mse", "hg", "hg+sd")
 
@@ -28,8 +28,8 @@ LOSSES = ("mse", "hg", "hg+sd")
 # not what it computes. Any other difference makes the resumed run a different experiment.
 RESUMABLE_CHANGES = frozenset({
     "epochs", "eval_every", "log_every", "progress", "workers", "out", "device", "backend", "flip_test", "decode",
-    "data_root", "train_images", "train_annotations", "val_images", "val_annotations", "val_detections",
-    "mpii_head_boxes", "cache_images", "fused_targets",
+    "dark_kernel", "data_root", "train_images", "train_annotations", "val_images", "val_annotations",
+    "val_detections", "mpii_head_boxes", "cache_images", "fused_targets",
 })  # fmt: skip
 
 
@@ -110,6 +110,8 @@ class TrainConfig:
     flip_test: bool = _setting(True, "average the heatmaps of the crop and its mirror image")
     decode: str = _setting("dark", "sub-pixel decoding: dark or argmax (HRNet's quarter pixel)",
                            choices=("dark", "argmax"))
+    dark_kernel: int = _setting(0, "blur size of dark decoding, odd; 0: matched to sigma (codecs.dark_kernel: 11 at "
+                                   "sigma 2, 5 at sigma 1)", minimum=0)
     eval_every: int = _setting(1, "evaluate every this many epochs (and after the last)", minimum=1)
     # runtime
     device: str = _setting("auto", "auto (cuda when available), cpu, cuda or cuda:N")
@@ -126,6 +128,8 @@ class TrainConfig:
             _check_range(spec, getattr(self, spec.name))
         if any(later <= earlier for earlier, later in zip(self.lr_steps, self.lr_steps[1:])):
             raise ConfigError(f"lr_steps must be increasing, got {self.lr_steps}")
+        if self.dark_kernel % 2 == 0 and self.dark_kernel != 0:
+            raise ConfigError(f"dark_kernel must be odd, or 0 to match sigma, got {self.dark_kernel}")
         if self.dataset in ("coco", "mpii"):
             missing = [name for name in ("train_images", "train_annotations", "val_images", "val_annotations")
                        if not getattr(self, name)]
@@ -141,6 +145,11 @@ class TrainConfig:
         """Whether the loss paints the targets from keypoints: fused_targets, where the loss can
         (the magnitude gradient form is computed from heatmap targets only)."""
         return self.fused_targets and self.gradient_form == "components"
+
+    @property
+    def decode_kernel(self) -> int:
+        """The blur size dark decoding uses: dark_kernel, or the one matched to the targets' sigma."""
+        return self.dark_kernel or codecs.dark_kernel(self.sigma)
 
     def _device(self) -> torch.device:
         if self.device == "auto":

@@ -53,7 +53,7 @@ def evaluate(model: nn.Module, loader, config: TrainConfig, device: torch.device
             flipped = model(torch.flip(images, dims=[3])).float()
             output = (output + codecs.flip_back(flipped, split.flip_pairs, shift=codec.flip_shift)) / 2
         output = output.cpu()
-        coords, scores = codecs.decode(output, refine=config.decode)
+        coords, scores = codecs.decode(output, refine=config.decode, kernel=config.decode_kernel)
         in_image = codec.heatmap_to_image(coords, batch.center.numpy(), batch.scale.numpy())
         parts["image_ids"] += batch.image_id.tolist()
         parts["keypoints"].append(np.concatenate([in_image, scores[..., None]], axis=2))

@@ -21,6 +21,7 @@ Where hgloss follows HRNet, DarkPose, mmpose or OpenCV and where it departs from
 the test that checks it, is listed in ``docs/pose-conventions.md``.
 """
 
+import math
 from collections.abc import Sequence
 from numbers import Integral, Real
 from typing import Any, TypeVar
@@ -31,7 +32,7 @@ from numpy.typing import ArrayLike
 
 from .transforms import affine_points, get_affine_transform, get_udp_transform
 
-__all__ = ["MSRAHeatmap", "UDPHeatmap", "decode", "flip_back"]
+__all__ = ["MSRAHeatmap", "UDPHeatmap", "dark_kernel", "decode", "flip_back"]
 
 _Heatmaps = TypeVar("_Heatmaps", np.ndarray, torch.Tensor)
 
@@ -338,6 +339,17 @@ def _opencv_gaussian_taps(kernel: int) -> np.ndarray:
     sigma = 0.3 * ((kernel - 1) * 0.5 - 1.0) + 0.8
     taps = np.exp(-((np.arange(kernel) - (kernel - 1) // 2) ** 2) / (2.0 * sigma**2))
     return taps / taps.sum()
+
+
+def dark_kernel(sigma: float) -> int:
+    """The DARK blur size that matches targets of width ``sigma``: the odd size nearest to what OpenCV's rule
+    ``sigma = 0.3 * ((kernel - 1) / 2 - 1) + 0.8`` gives (mmpose's ``blur_kernel_size`` advice), at least 3.
+    Sigma 1, 1.5, 2 and 3 give 5, 7, 11 and 17. A blur much wider than the heatmap's peak flattens it, and
+    on a weak, near-flat map the Newton step then lands far from the maximum."""
+    if isinstance(sigma, bool) or not isinstance(sigma, Real) or not math.isfinite(sigma) or sigma <= 0:
+        raise ValueError(f"sigma must be a positive finite number, got {sigma!r}")
+    exact = 2.0 * ((sigma - 0.8) / 0.3 + 1.0) + 1.0
+    return max(3, 2 * round((exact - 1.0) / 2.0) + 1)
 
 
 def _gaussian_blur(maps: np.ndarray, kernel: int) -> np.ndarray:
