@@ -15,10 +15,12 @@ The settings (SETTINGS below) answer four questions:
   4. mechanism: each run's validation heatmaps are measured against their best-fitting
      isotropic Gaussian, with the peak value and the localisation error (runs.csv).
 "The best weight" is the swept weight with the highest mean AP once every swept weight has
---best-after seeds for that model; it is written to best_weights.json and kept from then on.
+--best-after seeds for that model; it is written to --results/best_weights.json and kept from
+then on.
 
-Runs go to --runs/<model>/<setting>/seed<k>/ (the trainer's usual outputs). A finished run
-(result.json present) is skipped and an interrupted one resumes from its last.pt, so the study
+Runs go to --runs/<model>/<setting>/seed<k>/ (the trainer's usual outputs). A finished run is
+skipped: its result.json is there, or its row is in --results/runs.csv, so that a fresh clone
+carries on from the committed record. An interrupted run resumes from its last.pt, so the study
 can be stopped and started again (a resumed run's wall_s sums its parts: the trainer keeps the
 time in its checkpoints). After every finished run the report is rewritten in
 --results: runs.csv (one row per run), summary.md (per model: AP mean +- std, the paired
@@ -159,17 +161,39 @@ def _train(run: Run, config_path: str, best_weight: float | None, runs: Path, th
 # The schedule of runs
 
 
-def _finished(runs: Path) -> list[dict]:
-    rows = []
-    for path in sorted(runs.glob("*/*/seed*/result.json")):
-        rows.append(json.loads(path.read_text()))
+def _run_key(row: dict) -> tuple[str, str, int]:
+    return row["model"], row["setting"], int(row["seed"])
+
+
+def _csv_value(text: str) -> int | float | str:
+    """A runs.csv cell as result.json holds it: the writer prints ints and floats with repr."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _finished(runs: Path, results: Path) -> list[dict]:
+    """Every finished run: the result.json files under runs, then the rows of results/runs.csv
+    whose run folder is gone (a fresh clone of the committed study)."""
+    rows = [json.loads(path.read_text()) for path in sorted(runs.glob("*/*/seed*/result.json"))]
+    recorded = results / "runs.csv"
+    if recorded.is_file():
+        present = {_run_key(row) for row in rows}
+        with open(recorded, newline="") as handle:
+            for cells in csv.DictReader(handle):
+                row = {column: _csv_value(text) for column, text in cells.items()}
+                if _run_key(row) not in present:
+                    rows.append(row)
     return rows
 
 
-def _best_weight(model: str, rows: list[dict], runs: Path, best_after: int) -> float | None:
-    """The model's best swept weight, fixed in best_weights.json once chosen; None until every
-    swept weight has best_after seeds."""
-    path = runs / "best_weights.json"
+def _best_weight(model: str, rows: list[dict], results: Path, best_after: int) -> float | None:
+    """The model's best swept weight, fixed in results/best_weights.json once chosen; None until
+    every swept weight has best_after seeds."""
+    path = results / "best_weights.json"
     chosen = json.loads(path.read_text()) if path.is_file() else {}
     if model in chosen:
         return chosen[model]
@@ -180,6 +204,7 @@ def _best_weight(model: str, rows: list[dict], runs: Path, best_after: int) -> f
             return None
         means[weight] = statistics.mean(aps)
     chosen[model] = max(means, key=means.get)
+    results.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(chosen, indent=1))
     print(f"best swept grad_weight for {model}: {chosen[model]:g} (mean AP {means[chosen[model]]:.4f})",
           file=sys.stderr, flush=True)
@@ -201,7 +226,9 @@ def _planned(models: list[str], settings: list[Setting], seeds: list[int]) -> li
 def run_study(args, models: list[str], settings: list[Setting], seeds: list[int]) -> None:
     runs, results = Path(args.runs), Path(args.results)
     runs.mkdir(parents=True, exist_ok=True)
-    pending = [run for run in _planned(models, settings, seeds) if not (run.folder(runs) / "result.json").is_file()]
+    finished = {_run_key(row) for row in _finished(runs, results)}
+    pending = [run for run in _planned(models, settings, seeds)
+               if (run.model, run.setting.name, run.seed) not in finished]
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     total = len(pending)
     print(f"{total} runs to do, {args.jobs} at a time with {threads} thread(s) each; runs in {runs}",
@@ -211,13 +238,15 @@ def run_study(args, models: list[str], settings: list[Setting], seeds: list[int]
         active: dict[concurrent.futures.Future, Run] = {}
         done = 0
         while pending or active:
-            rows = _finished(runs)
+            rows = _finished(runs, results)
             for run in list(pending):
                 if len(active) >= args.jobs:
                     break
-                weight = _best_weight(run.model, rows, runs, args.best_after) if run.setting.needs_best_weight else None
-                if run.setting.needs_best_weight and weight is None:
-                    continue
+                weight = None
+                if run.setting.needs_best_weight:
+                    weight = _best_weight(run.model, rows, results, args.best_after)
+                    if weight is None:
+                        continue
                 pending.remove(run)
                 active[pool.submit(_train, run, args.config, weight, runs, threads)] = run
             if not active:
@@ -301,7 +330,7 @@ def _summary_lines(rows: list[dict], config: Path) -> list[str]:
 
 
 def write_report(runs: Path, results: Path, config: Path) -> None:
-    rows = _finished(runs)
+    rows = _finished(runs, results)
     if not rows:
         return
     results.mkdir(parents=True, exist_ok=True)
@@ -313,7 +342,7 @@ def write_report(runs: Path, results: Path, config: Path) -> None:
     (results / "summary.md").write_text("\n".join(_summary_lines(rows, config)) + "\n")
     _plot_weight_sweep(rows, results / "ap_vs_grad_weight.png")
     _plot_shape_metrics(rows, results / "heatmap_shape.png")
-    _plot_mse_curves(runs, results / "mse_curves.png")
+    _plot_mse_curves(runs, rows, results / "mse_curves.png")
 
 
 def _figure(width: float, height: float):
@@ -377,13 +406,20 @@ def _plot_shape_metrics(rows: list[dict], path: Path) -> None:
     figure.savefig(path)
 
 
-def _plot_mse_curves(runs: Path, path: Path) -> None:
-    """Validation AP against the epoch of every mse run: whether the protocol trains to a plateau."""
+def _plot_mse_curves(runs: Path, rows: list[dict], path: Path) -> None:
+    """Validation AP against the epoch of every mse run: whether the protocol trains to a plateau.
+    Drawn only while every finished mse run has its log: a run known from runs.csv alone has none,
+    and the plot already drawn shows it."""
+    logs = {model: sorted((runs / model / "mse").glob("seed*/log.jsonl")) for model in MODELS}
+    unlogged = sum(row["setting"] == "mse" for row in rows) - sum(len(found) for found in logs.values())
+    if unlogged > 0:
+        print(f"{path.name} kept: {unlogged} finished mse run(s) have no log.jsonl under {runs}", file=sys.stderr)
+        return
     figure = _figure(6.5, 4.0)
     axes = figure.add_subplot()
     drawn = False
     for colour, model in zip(("tab:blue", "tab:orange"), MODELS):
-        for index, log in enumerate(sorted((runs / model / "mse").glob("seed*/log.jsonl"))):
+        for index, log in enumerate(logs[model]):
             records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
             points = [(record["epoch"], record["AP"]) for record in records if record.get("kind") == "val" and "AP" in record]
             if points:

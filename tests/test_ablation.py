@@ -86,7 +86,7 @@ def test_a_tiny_study_end_to_end_skips_finished_runs(tmp_path):
                  "--seeds", "0", "--best-after", "1", "--jobs", "1", "--runs", str(tmp_path / "runs"),
                  "--results", str(tmp_path / "results")]
     assert ablation.main(arguments) == 0
-    best = json.loads((tmp_path / "runs" / "best_weights.json").read_text())[SB]
+    best = json.loads((tmp_path / "results" / "best_weights.json").read_text())[SB]
     with open(tmp_path / "results" / "runs.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert [row["setting"] for row in rows] == ["mse", "hg-w0.1", "hg-w0.3", "hg-w1", "hg-w4", "hg-sobel"]
@@ -97,3 +97,22 @@ def test_a_tiny_study_end_to_end_skips_finished_runs(tmp_path):
     finished = {path: path.stat().st_mtime_ns for path in (tmp_path / "runs").glob("*/*/seed0/result.json")}
     assert ablation.main(arguments) == 0  # everything is done: nothing runs again
     assert {path: path.stat().st_mtime_ns for path in finished} == finished
+
+
+def test_a_fresh_clone_carries_on_from_the_committed_runs_csv(tmp_path):
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    for seed in (0, 1):
+        write_result(runs, SB, "mse", seed, 0.30 + seed / 100, distill="", distance0="", AP75=0.125)
+        write_result(runs, SB, "hg-w1", seed, 0.31 + seed / 100, grad_weight=1.0, distance0=48, step_factor=2)
+    ablation.write_report(runs, results, ablation.DEFAULT_CONFIG)
+    committed = {name: (results / name).read_bytes() for name in ("runs.csv", "summary.md")}
+    in_folders = ablation._finished(runs, results)
+    fresh = tmp_path / "fresh-runs"  # the run folders are not committed
+    from_csv = ablation._finished(fresh, results)
+    assert sorted(from_csv, key=ablation._run_key) == sorted(in_folders, key=ablation._run_key)  # the same rows, the same types
+    ablation.write_report(fresh, results, ablation.DEFAULT_CONFIG)
+    assert {name: (results / name).read_bytes() for name in committed} == committed
+    arguments = ["--models", SB, "--settings", "mse,hg-w1", "--seeds", "0,1", "--runs", str(fresh),
+                 "--results", str(results)]
+    assert ablation.main(arguments) == 0  # nothing left to run: no run folder is made
+    assert not list(fresh.glob("*/*/seed*"))
