@@ -410,11 +410,12 @@ def _plot_mse_curves(runs: Path, rows: list[dict], path: Path) -> None:
     """Validation AP against the epoch of every mse run: whether the protocol trains to a plateau.
     Drawn only while every finished mse run has its log: a run known from runs.csv alone has none,
     and the plot already drawn shows it."""
-    logs = {model: sorted((runs / model / "mse").glob("seed*/log.jsonl")) for model in MODELS}
-    unlogged = sum(row["setting"] == "mse" for row in rows) - sum(len(found) for found in logs.values())
-    if unlogged > 0:
-        print(f"{path.name} kept: {unlogged} finished mse run(s) have no log.jsonl under {runs}", file=sys.stderr)
+    unlogged = [row for row in rows if row["setting"] == "mse"
+                and not (runs / row["model"] / "mse" / f"seed{row['seed']}" / "log.jsonl").is_file()]
+    if unlogged:
+        print(f"{path.name} kept: {len(unlogged)} finished mse run(s) have no log.jsonl under {runs}", file=sys.stderr)
         return
+    logs = {model: sorted((runs / model / "mse").glob("seed*/log.jsonl")) for model in MODELS}
     figure = _figure(6.5, 4.0)
     axes = figure.add_subplot()
     drawn = False
