@@ -41,6 +41,25 @@ def test_synthetic_set_is_reproducible_from_its_seed(tmp_path, synthetic):
         assert first.read_bytes() == (again[split][0] / first.name).read_bytes()
 
 
+def test_synthetic_files_are_written_whole(tmp_path, synthetic):
+    # Two trainers may generate the same set at once (the evidence study runs two): each file is
+    # renamed into place whole, so a reader sees the old file or the new one, never half of one.
+    path = tmp_path / "person_keypoints_val.json"
+    path.write_text('{"old": true}')
+
+    def write(temporary):
+        temporary.write_text('{"images": [')
+        assert json.loads(path.read_text()) == {"old": True}
+        assert str(os.getpid()) in temporary.name  # writers in other processes use other names
+        temporary.write_text('{"images": []}')
+
+    datasets.write_atomically(path, write)
+    assert json.loads(path.read_text()) == {"images": []}
+    assert list(tmp_path.iterdir()) == [path]
+    root = synthetic["val"][1].parent.parent
+    assert not list(root.rglob("*.tmp"))
+
+
 def test_synthetic_annotations_are_valid_coco(synthetic):
     data = json.loads(synthetic["train"][1].read_text())
     sizes = {image["id"]: (image["width"], image["height"]) for image in data["images"]}

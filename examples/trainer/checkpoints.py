@@ -4,7 +4,6 @@ strings, lists and dicts, so that resuming reads them with torch.load(weights_on
 checkpoint from elsewhere cannot run code."""
 
 import json
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +11,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from hgloss.pose.datasets import write_atomically
 
 
 @dataclass
@@ -29,13 +30,7 @@ class RunState:
 def save_atomically(state: dict, path: Path) -> None:
     """`state` to `path` through a temporary file and a rename; an interrupted write (an
     exception, Ctrl-C) removes the temporary file and leaves `path` as it was."""
-    temporary = path.with_name(path.name + ".tmp")
-    try:
-        torch.save(state, temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    write_atomically(path, lambda temporary: torch.save(state, temporary))
 
 
 def check_output_folder(out: Path) -> None:
@@ -76,9 +71,7 @@ def truncate_log(path: Path, last_step: int) -> int:
     lines = path.read_text().splitlines(keepends=True)
     kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= last_step]
     if len(kept) != len(lines):
-        temporary = path.with_name(path.name + ".tmp")
-        temporary.write_text("".join(kept))
-        os.replace(temporary, path)
+        write_atomically(path, lambda temporary: temporary.write_text("".join(kept)))
     return len(lines) - len(kept)
 
 

@@ -18,7 +18,9 @@ import io
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -66,6 +68,20 @@ class LoadReport:
     def __str__(self) -> str:
         left_out = ", ".join(f"{count} {reason}" for reason, count in sorted(self.dropped.items())) or "nothing"
         return f"{self.records} persons; left out: {left_out}"
+
+
+def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Calls write(temporary) and renames the temporary file to `path`: a reader, in this process
+    or another writing the same file at the same time, sees the old file or the whole new one.
+    The temporary file is named after this process; an interrupted write (an exception, Ctrl-C)
+    removes it and leaves `path` as it was."""
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def _read_json(path: str, what: str):

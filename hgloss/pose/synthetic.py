@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .datasets import write_atomically
+
 KEYPOINT_NAMES = (
     "nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder",
     "left_elbow", "right_elbow", "left_wrist", "right_wrist", "left_hip", "right_hip", "left_knee",
@@ -218,7 +220,8 @@ def write_synthetic_coco(
     """Writes each split's images to root/<split>/ and its annotations to
     root/annotations/person_keypoints_<split>.json. Image i of a split is drawn from a generator
     seeded with (seed, split name, i), so splits never share images and every file is
-    reproducible. Returns {split: (image folder, annotation file)}.
+    reproducible. Each file is renamed into place whole, so that processes generating the same
+    set at once never read half a file. Returns {split: (image folder, annotation file)}.
 
     Args:
         root: output folder, created if needed.
@@ -243,7 +246,7 @@ def write_synthetic_coco(
             image_id = i + 1
             pixels, figures = _render_image(rng, image_size, max_people)
             file_name = f"{image_id:012d}.png"
-            Image.fromarray(pixels).save(image_dir / file_name)
+            write_atomically(image_dir / file_name, lambda temporary: Image.fromarray(pixels).save(temporary, "PNG"))
             images.append({"id": image_id, "file_name": file_name, "width": image_size[0], "height": image_size[1]})
             for figure in figures:
                 annotation = _annotation(figure, image_size, image_id, len(annotations) + 1)
@@ -254,7 +257,7 @@ def write_synthetic_coco(
             "keypoints": list(KEYPOINT_NAMES), "skeleton": [list(pair) for pair in SKELETON],
         }]  # fmt: skip
         annotation_file = root / "annotations" / f"person_keypoints_{split}.json"
-        with open(annotation_file, "w") as handle:
-            json.dump({"images": images, "annotations": annotations, "categories": categories}, handle)
+        contents = json.dumps({"images": images, "annotations": annotations, "categories": categories})
+        write_atomically(annotation_file, lambda temporary: temporary.write_text(contents))
         written[split] = (image_dir, annotation_file)
     return written
