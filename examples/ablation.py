@@ -47,7 +47,8 @@ from pathlib import Path
 EXAMPLES = Path(__file__).resolve().parent
 DEFAULT_CONFIG = EXAMPLES / "configs" / "ablation.yaml"
 DEFAULT_RESULTS = EXAMPLES.parent / "benchmarks" / "results" / "cpu-2core-amd-epyc" / "ablation"
-MODELS = ("simplebaseline_res18_small", "hrnet_w8_small")
+MODELS = ("simplebaseline_res18_small", "hrnet_w8_small")  # the study's; --models takes any other too
+MODEL_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")
 SWEPT_WEIGHTS = (0.1, 0.3, 1.0, 4.0)
 BEST = "best"  # a grad_weight resolved to the model's best swept weight
 # The snapshot teacher's first distance, in optimizer steps: about one epoch of the protocol.
@@ -61,7 +62,10 @@ class Setting:
 
     name: str
     overrides: dict = field(hash=False)
-    models: tuple[str, ...] = MODELS
+    models: tuple[str, ...] | None = None  # None: every model
+
+    def runs_on(self, model: str) -> bool:
+        return self.models is None or model in self.models
 
     @property
     def needs_best_weight(self) -> bool:
@@ -219,7 +223,7 @@ def _planned(models: list[str], settings: list[Setting], seeds: list[int]) -> li
         for needs_best in (False, True):
             for seed in seeds:
                 planned += [Run(model, setting, seed) for setting in settings
-                            if model in setting.models and setting.needs_best_weight == needs_best]
+                            if setting.runs_on(model) and setting.needs_best_weight == needs_best]
     return planned
 
 
@@ -276,6 +280,12 @@ def paired_interval(differences: list[float]) -> tuple[float, float]:
     return mean, quantile * statistics.stdev(differences) / math.sqrt(len(differences))
 
 
+def _models(rows: list[dict]) -> list[str]:
+    """The models that rows hold: the study's two first, then any other in name order."""
+    present = {row["model"] for row in rows}
+    return [model for model in MODELS if model in present] + sorted(present - set(MODELS))
+
+
 def _by_setting(rows: list[dict], model: str) -> dict[str, dict[int, dict]]:
     table: dict[str, dict[int, dict]] = {}
     for row in rows:
@@ -298,10 +308,8 @@ def _summary_lines(rows: list[dict], config: Path) -> list[str]:
         "`peak` the plane's maximum (heatmap pixels and values; the targets have sigma "
         "equal to the protocol's), `loc err` the distance from the true keypoint in heatmap pixels.",
     ]
-    for model in MODELS:
+    for model in _models(rows):
         table = _by_setting(rows, model)
-        if not table:
-            continue
         baseline = table.get("mse", {})
         lines += ["", f"## {model}", "",
                   "| setting | seeds | steps | AP mean ± std | d vs mse (95% CI) | significant | AP75 | residual | "
@@ -359,7 +367,7 @@ def _plot_weight_sweep(rows: list[dict], path: Path) -> None:
     figure = _figure(6.5, 4.0)
     axes = figure.add_subplot()
     drawn = False
-    for colour, model in zip(("tab:blue", "tab:orange"), MODELS):
+    for colour, model in zip(MODEL_COLOURS, _models(rows)):
         table = _by_setting(rows, model)
         mse = [row["AP"] for row in table.get("mse", {}).values()]
         if mse:
@@ -389,13 +397,14 @@ def _plot_shape_metrics(rows: list[dict], path: Path) -> None:
             "residual vs best Gaussian", "fitted sigma (heatmap px)", "peak value", "localisation error (heatmap px)",
             "AP"))):
         axes = figure.add_subplot(2, 3, index + 1)
-        width = 0.4
-        for offset, (colour, model) in enumerate(zip(("tab:blue", "tab:orange"), MODELS)):
+        models = _models(rows)
+        width = 0.8 / len(models)
+        for offset, (colour, model) in enumerate(zip(MODEL_COLOURS, models)):
             table = _by_setting(rows, model)
             values = [statistics.mean(float(row[key]) for row in table[name].values()) if name in table else math.nan
                       for name in names]
-            axes.bar([i + (offset - 0.5) * width for i in range(len(names))], values, width, color=colour,
-                     label=model)
+            axes.bar([i + (offset - (len(models) - 1) / 2) * width for i in range(len(names))], values, width,
+                     color=colour, label=model)
         axes.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
         axes.set_title(label, fontsize=9)
         axes.grid(axis="y", alpha=0.3)
@@ -415,12 +424,11 @@ def _plot_mse_curves(runs: Path, rows: list[dict], path: Path) -> None:
     if unlogged:
         print(f"{path.name} kept: {len(unlogged)} finished mse run(s) have no log.jsonl under {runs}", file=sys.stderr)
         return
-    logs = {model: sorted((runs / model / "mse").glob("seed*/log.jsonl")) for model in MODELS}
     figure = _figure(6.5, 4.0)
     axes = figure.add_subplot()
     drawn = False
-    for colour, model in zip(("tab:blue", "tab:orange"), MODELS):
-        for index, log in enumerate(logs[model]):
+    for colour, model in zip(MODEL_COLOURS, _models(rows)):
+        for index, log in enumerate(sorted((runs / model / "mse").glob("seed*/log.jsonl"))):
             records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
             points = [(record["epoch"], record["AP"]) for record in records if record.get("kind") == "val" and "AP" in record]
             if points:
@@ -452,11 +460,13 @@ def _list(text: str, allowed, kind) -> list:
 
 
 def main(argv=None) -> int:
+    from hgloss.pose.models import MODEL_NAMES
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n", 2)[2],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="the protocol: YAML settings shared by every run")
-    parser.add_argument("--models", default=",".join(MODELS), type=lambda text: _list(text, MODELS, str),
-                        help="comma-separated models [both]")
+    parser.add_argument("--models", default=",".join(MODELS), type=lambda text: _list(text, MODEL_NAMES, str),
+                        help="comma-separated models [%(default)s]")
     parser.add_argument("--settings", default=",".join(SETTING_NAMES), type=lambda text: _list(text, SETTING_NAMES, str),
                         help="comma-separated settings [all]")
     parser.add_argument("--seeds", default="0,1,2,3,4", type=lambda text: _list(text, None, int), help="[0,1,2,3,4]")

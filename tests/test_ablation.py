@@ -30,6 +30,23 @@ def test_the_plan_runs_the_sweep_first_and_pairs_every_seed():
         "mse", "hg-w0.1", "hg-w0.3", "hg-w1", "hg-w4", "hg+sd-snapshot"}
 
 
+def test_another_model_gets_the_shared_settings_and_its_own_report_section(tmp_path):
+    other = "simplebaseline_res18"
+    plan = ablation._planned([other], list(ablation.SETTINGS), [0])
+    assert {run.setting.name for run in plan} == {"mse", "hg-w0.1", "hg-w0.3", "hg-w1", "hg-w4", "hg+sd-snapshot"}
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    for seed, (mse, hg) in enumerate([(0.70, 0.71), (0.72, 0.72)]):
+        write_result(runs, other, "mse", seed, mse)
+        write_result(runs, other, "hg-w0.1", seed, hg)
+    write_result(runs, SB, "mse", 0, 0.30)
+    ablation.write_report(runs, results, ablation.DEFAULT_CONFIG)
+    summary = (results / "summary.md").read_text()
+    assert summary.index(f"## {SB}\n") < summary.index(f"## {other}\n")  # the study's models first
+    assert "| hg-w0.1 | 2 |" in summary.split(f"## {other}\n")[1]
+    with pytest.raises(SystemExit):
+        ablation.main(["--models", "not_a_model", "--report-only"])
+
+
 def test_overrides_even_the_steps_of_replay_and_resolve_the_best_weight(tmp_path):
     base = load_config(ablation.DEFAULT_CONFIG, {})
     replay = ablation._run_overrides(ablation.Run(SB, setting("hg+sd-replay"), 3), base, 0.3, tmp_path)
