@@ -48,7 +48,6 @@ EXAMPLES = Path(__file__).resolve().parent
 DEFAULT_CONFIG = EXAMPLES / "configs" / "ablation.yaml"
 DEFAULT_RESULTS = EXAMPLES.parent / "benchmarks" / "results" / "cpu-2core-amd-epyc" / "ablation"
 MODELS = ("simplebaseline_res18_small", "hrnet_w8_small")  # the study's; --models takes any other too
-MODEL_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")
 SWEPT_WEIGHTS = (0.1, 0.3, 1.0, 4.0)
 BEST = "best"  # a grad_weight resolved to the model's best swept weight
 # The snapshot teacher's first distance, in optimizer steps: about one epoch of the protocol.
@@ -286,6 +285,12 @@ def _models(rows: list[dict]) -> list[str]:
     return [model for model in MODELS if model in present] + sorted(present - set(MODELS))
 
 
+def _coloured_models(rows: list[dict]) -> list[tuple[str, str]]:
+    """(colour, model) for every model that rows hold, in matplotlib's colour cycle, so that each
+    model keeps its colour in every plot."""
+    return [(f"C{index % 10}", model) for index, model in enumerate(_models(rows))]
+
+
 def _by_setting(rows: list[dict], model: str) -> dict[str, dict[int, dict]]:
     table: dict[str, dict[int, dict]] = {}
     for row in rows:
@@ -367,7 +372,7 @@ def _plot_weight_sweep(rows: list[dict], path: Path) -> None:
     figure = _figure(6.5, 4.0)
     axes = figure.add_subplot()
     drawn = False
-    for colour, model in zip(MODEL_COLOURS, _models(rows)):
+    for colour, model in _coloured_models(rows):
         table = _by_setting(rows, model)
         mse = [row["AP"] for row in table.get("mse", {}).values()]
         if mse:
@@ -393,14 +398,15 @@ def _plot_shape_metrics(rows: list[dict], path: Path) -> None:
     """The heatmap-shape metrics per setting, one panel each, a bar per model."""
     figure = _figure(11, 7)
     names = [name for name in SETTING_NAMES if any(row["setting"] == name for row in rows)]
+    models = _coloured_models(rows)
+    tables = {model: _by_setting(rows, model) for _, model in models}
+    width = 0.8 / len(models)
     for index, (key, label) in enumerate(zip(SHAPE_METRICS + ("AP",), (
             "residual vs best Gaussian", "fitted sigma (heatmap px)", "peak value", "localisation error (heatmap px)",
             "AP"))):
         axes = figure.add_subplot(2, 3, index + 1)
-        models = _models(rows)
-        width = 0.8 / len(models)
-        for offset, (colour, model) in enumerate(zip(MODEL_COLOURS, models)):
-            table = _by_setting(rows, model)
+        for offset, (colour, model) in enumerate(models):
+            table = tables[model]
             values = [statistics.mean(float(row[key]) for row in table[name].values()) if name in table else math.nan
                       for name in names]
             axes.bar([i + (offset - (len(models) - 1) / 2) * width for i in range(len(names))], values, width,
@@ -427,7 +433,7 @@ def _plot_mse_curves(runs: Path, rows: list[dict], path: Path) -> None:
     figure = _figure(6.5, 4.0)
     axes = figure.add_subplot()
     drawn = False
-    for colour, model in zip(MODEL_COLOURS, _models(rows)):
+    for colour, model in _coloured_models(rows):
         for index, log in enumerate(sorted((runs / model / "mse").glob("seed*/log.jsonl"))):
             records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
             points = [(record["epoch"], record["AP"]) for record in records if record.get("kind") == "val" and "AP" in record]
